@@ -1,0 +1,100 @@
+"""`orthrus generate` and `orthrus train`: thin argument parsing over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import OrthrusError
+
+
+def _generate(args) -> int:
+    from .default_model import default_model_path
+    from .loader import load
+
+    model = load(args.model or default_model_path(), device=args.device, dtype=args.dtype)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    if args.chat and model.tokenizer is None:
+        raise OrthrusError(f"--chat needs a tokenizer, and {model.path} has no tokenizer.json")
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = model.generate(prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            stop=args.stop, stream=None if args.json else stream)
+    if args.json:
+        print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}))
+        return 0
+    if result.text is None:  # no tokenizer: the ids are the output
+        print(" ".join(map(str, result.tokens)))
+    else:
+        sys.stdout.write("\n")
+    stats = result.stats
+    print(f"[{stats['mode']}] {stats['generated_tokens']} tokens, {stats['iterations']} iterations, "
+          f"{stats['tokens_per_iteration']:.2f} tokens/iteration, {stats['tokens_per_second']:.1f} tok/s, "
+          f"prefill {stats['prefill_seconds'] * 1e3:.1f} ms, decode {stats['decode_seconds'] * 1e3:.1f} ms",
+          file=sys.stderr)
+    return 0
+
+
+def _train(args) -> int:
+    from .train import main as train_main
+
+    return train_main(args.train_args)
+
+
+def _dtype(name: str):
+    import torch
+
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in choices:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+    return choices[name]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orthrus", description="Exact multi-token decoding for Qwen3.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="generate text from a prompt")
+    generate.add_argument("prompt", help="prompt text (or the user message with --chat)")
+    generate.add_argument("--model", help="checkpoint directory or hub id (default: the embedded model)")
+    generate.add_argument("--mode", default="orthrus", choices=("orthrus", "ar", "ngram"))
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate.add_argument("--json", action="store_true", help="print one JSON object {text, tokens, stats}")
+    generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    generate.add_argument("--dtype", type=_dtype, default=None, help="float32, float16 or bfloat16")
+    generate.set_defaults(run=_generate)
+
+    train = commands.add_parser("train", help="train the diffusion view of a Qwen3 checkpoint",
+                                add_help=False)
+    train.add_argument("train_args", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_train)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except OrthrusError as error:
+        print(f"orthrus: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("orthrus: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a one-line report for users; ORTHRUS_DEBUG=1 keeps the traceback
+        if os.environ.get("ORTHRUS_DEBUG"):
+            raise
+        print(f"orthrus: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1

@@ -1,0 +1,113 @@
+"""Qwen3 with Orthrus's two attention views, as plain tensors and one forward function.
+
+The AR view is the frozen Qwen3. The diffusion view swaps in the `*_diff` attention weights of every
+layer, attends the AR cache plus its own block bidirectionally, and never writes the cache. Everything
+else (embeddings, norms, MLPs, lm_head) is shared by the two views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .cache import KVCache
+from .config import ModelConfig
+
+AR_VIEW = "ar"
+DIFFUSION_VIEW = "diffusion"
+
+
+@dataclass
+class AttentionWeights:
+    qkv: torch.Tensor  # [(q_heads + 2 kv_heads) * head_dim, hidden]: q, k, v projections fused in one GEMM
+    o: torch.Tensor
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate rows first, then up
+    down: torch.Tensor
+    ar: AttentionWeights
+    diffusion: AttentionWeights | None
+
+
+def rope_table(config: ModelConfig, positions: int, device) -> torch.Tensor:
+    """float32 [positions, head_dim]: cos of position * inv_freq in the first half, sin in the second."""
+    exponent = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** exponent)
+    angles = torch.outer(torch.arange(positions, dtype=torch.int64).float(), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+class Qwen3:
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+        self.config = config
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.rope_cos_sin = rope_table(config, 0, embed.device)
+        self.scale = config.head_dim ** -0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def has_diffusion_view(self) -> bool:
+        return self.layers[0].diffusion is not None
+
+    def reserve_positions(self, positions: int) -> None:
+        """Grow the RoPE table to cover `positions` (allocation stays out of the decode loop)."""
+        if self.rope_cos_sin.shape[0] < positions:
+            self.rope_cos_sin = rope_table(self.config, positions, self.device)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, view: str) -> torch.Tensor:
+        """Final-norm hidden states [rows, hidden] of `tokens` placed at positions cache.length...
+
+        The AR view stores its keys and values at those positions; the diffusion view leaves the cache as
+        it was."""
+        x = self.embed[tokens]
+        eps = self.config.rms_norm_eps
+        for index, layer in enumerate(self.layers):
+            x = x + self.attention(ops.rms_norm(x, layer.input_norm, eps), index, cache, view)
+            x = x + self.mlp(ops.rms_norm(x, layer.post_attention_norm, eps), layer)
+        return ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+
+    def attention(self, h: torch.Tensor, index: int, cache: KVCache, view: str) -> torch.Tensor:
+        config, rows = self.config, h.shape[0]
+        layer = self.layers[index]
+        weights = layer.ar if view == AR_VIEW else layer.diffusion
+        qkv = ops.linear(h, weights.qkv)
+        q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        q, k, v = (part.view(rows, -1, config.head_dim) for part in qkv.split([q_size, kv_size, kv_size], dim=-1))
+        if view == AR_VIEW:
+            k_dst, v_dst, dst_start = cache.k[index], cache.v[index], cache.length
+            k_block = v_block = None
+        else:
+            k_dst, v_dst, dst_start = cache.block_k, cache.block_v, cache.block_start
+            k_block, v_block = cache.block_k[:rows], cache.block_v[:rows]
+        q = ops.qk_norm_rope_store(q, k, v, weights.q_norm, weights.k_norm, self.rope_cos_sin, cache.length,
+                                   k_dst, v_dst, dst_start, config.rms_norm_eps)
+        out = ops.attention(q, cache.k[index], cache.v[index], cache.length, k_block, v_block,
+                            causal=view == AR_VIEW, scale=self.scale)
+        return ops.linear(out.reshape(rows, q_size), weights.o)
+
+    def mlp(self, h: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        gate, up = ops.linear(h, layer.gate_up).chunk(2, dim=-1)
+        return ops.linear(F.silu(gate) * up, layer.down)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return ops.linear(hidden, self.lm_head)

@@ -1,0 +1,101 @@
+"""The model's kernels, chosen by block size.
+
+Blocks of at most MAX_BLOCK_ROWS rows (AR steps, verify and diffusion passes) run the row-invariant
+kernels of `orthrus_ext`: a row's bits never depend on how many rows share the call, which is what makes
+a verify pass reproduce one-token AR steps exactly. Longer blocks only occur in prefill, which AR and
+Orthrus decoding run identically, so there PyTorch's fastest kernels are used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import OrthrusError
+
+try:
+    import orthrus_ext
+except ImportError as _error:  # a source checkout that was never built
+    orthrus_ext = None
+    _import_error = _error
+
+MAX_BLOCK_ROWS = 64
+
+
+def extension():
+    if orthrus_ext is None:
+        raise OrthrusError(
+            f"the C++ extension orthrus_ext is not importable ({_import_error}); install the package with "
+            "`pip install .` so that it is built")
+    return orthrus_ext
+
+
+def check_device(device: torch.device) -> None:
+    """Fail early, with a useful message, when the extension cannot run on `device`."""
+    ext = extension()
+    if device.type == "cuda" and not ext.has_cuda():
+        raise OrthrusError(
+            "orthrus_ext was built without CUDA kernels; rebuild it on a machine with nvcc and a CUDA build "
+            "of torch (`pip install .`), or load the model with device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise OrthrusError(f"device {device} is not supported (use 'cpu' or 'cuda')")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] > MAX_BLOCK_ROWS:
+        return F.linear(x, weight)
+    return extension().linear(x, weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.shape[0] > MAX_BLOCK_ROWS:
+        return reference_rms_norm(x, weight, eps)
+    return extension().rms_norm(x, weight, eps)
+
+
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def reference_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of x [rows, heads, head_dim] with cos|sin rows [rows, head_dim]."""
+    half = x.shape[-1] // 2
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def qk_norm_rope_store(q, k, v, q_norm_weight, k_norm_weight, rope_cos_sin, positions_start,
+                       k_dst, v_dst, dst_start, eps):
+    """Per-head RMSNorm and RoPE of q and k; k and v are stored at rows dst_start.. of k_dst / v_dst.
+    Returns the rotated q."""
+    rows = q.shape[0]
+    if rows <= MAX_BLOCK_ROWS:
+        return extension().qk_norm_rope_store(q, k, v, q_norm_weight, k_norm_weight, rope_cos_sin,
+                                              positions_start, k_dst, v_dst, dst_start, eps)
+    start, dst = int(positions_start.item()), int(dst_start.item())
+    cos_sin = rope_cos_sin[start:start + rows]
+    k_dst[dst:dst + rows] = reference_rope(reference_rms_norm(k, k_norm_weight, eps), cos_sin)
+    v_dst[dst:dst + rows] = v
+    return reference_rope(reference_rms_norm(q, q_norm_weight, eps), cos_sin)
+
+
+def attention(q, k_cache, v_cache, cache_len, k_block, v_block, causal: bool, scale: float):
+    """Attention of a block over the cache rows [0, cache_len) plus the block's own keys (see kernels.h)."""
+    rows = q.shape[0]
+    if rows <= MAX_BLOCK_ROWS:
+        return extension().attention(q, k_cache, v_cache, cache_len, k_block, v_block, causal, scale)
+    if not causal:
+        raise OrthrusError(f"a bidirectional block has at most {MAX_BLOCK_ROWS} rows, got {rows}")
+    start = int(cache_len.item())
+    keys, values = k_cache[:start + rows], v_cache[:start + rows]
+    visible = torch.ones(rows, start + rows, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=visible, scale=scale,
+        enable_gqa=True)
+    return out.transpose(0, 1)
+
+
+def accept(drafts, targets, cache_len, out_count, next_anchor) -> None:
+    extension().accept(drafts, targets, cache_len, out_count, next_anchor)

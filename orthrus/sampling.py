@@ -1,0 +1,105 @@
+"""Seeded sampling that is a pure function of (logits row, seed, absolute position).
+
+Each token is argmax(filtered logits / temperature + Gumbel noise), and the noise comes from a
+counter-based hash of (seed, position, token id) instead of a stateful generator. AR decoding, the verify
+pass and the drafter therefore draw the *same* noise for a position: Orthrus reproduces AR sampling for a
+seed token for token, and the sampled distribution is exactly softmax(filtered logits / temperature).
+Every operation here works row by row, so a row's token never depends on the other rows of its block.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import OrthrusError
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def create(cls, temperature=0.0, top_k=0, top_p=1.0, seed=None) -> "SamplingParams":
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise OrthrusError(f"temperature must be a number >= 0, got {temperature!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise OrthrusError(f"top_k must be an integer >= 0 (0 disables it), got {top_k!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+            raise OrthrusError(f"top_p must be in (0, 1], got {top_p!r}")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(4), "little")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise OrthrusError(f"seed must be an integer >= 0, got {seed!r}")
+        return cls(float(temperature), top_k, float(top_p), seed & _MASK32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32; the
+    products wrap in int64 but their low 32 bits, the only ones kept, are exact."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 [rows, vocab]: standard Gumbel noise keyed by (seed, position, token id)."""
+    token_ids = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
+    row_keys = _mix32((positions.to(torch.int64) & _MASK32) ^ _mix32(torch.tensor(seed, device=positions.device)))
+    bits = _mix32(row_keys[:, None] ^ _mix32((token_ids + 0x9E3779B9) & _MASK32)[None, :])
+    # 24 random bits -> uniform in (0, 1), never 0 or 1, so both logs stay finite.
+    uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(uniform))
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """float32 logits / temperature with everything outside top-k and the top-p nucleus set to -inf."""
+    scores = logits.float() / params.temperature
+    if params.top_k and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        # One row at a time: a batched sort/cumsum may pick different reduction paths for different row
+        # counts, and a single flipped bit at the nucleus edge would change the sampled token.
+        scores = torch.stack([_top_p_row(row, params.top_p) for row in scores])
+    return scores
+
+
+def _top_p_row(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_scores, order = torch.sort(scores, descending=True)
+    probabilities = torch.softmax(sorted_scores, dim=-1)
+    before = torch.cumsum(probabilities, dim=-1) - probabilities
+    # Keep a token while the mass strictly before it is under top_p; the first token always stays.
+    drop_sorted = before >= top_p
+    drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """int64 [rows]: the token drawn for each logits row; row i is the token at `positions[i]`."""
+    if logits.device.type == "cpu":
+        # CPU elementwise kernels switch between vector and scalar code at offsets that depend on the
+        # tensor's size; one row at a time makes each row's arithmetic that of a 1-row call.
+        return torch.cat([_sample_block(logits[i:i + 1], positions[i:i + 1], params)
+                          for i in range(logits.shape[0])])
+    return _sample_block(logits, positions, params)
+
+
+def _sample_block(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    scores = filter_logits(logits, params) + gumbel_noise(params.seed, positions, logits.shape[-1])
+    return scores.argmax(dim=-1)
