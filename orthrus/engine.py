@@ -12,10 +12,11 @@ import torch
 from . import ops
 from .cache import KVCache
 from .config import ModelConfig
-from .decode import IterationOutputs, diffusion_drafts, prefill, verify_and_accept
+from .decode import prefill
 from .errors import OrthrusError
 from .model import Qwen3
 from .ngram import NGramDrafter
+from .runner import IterationRunner
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -76,6 +77,7 @@ class Model:
         self.tokenizer = tokenizer
         self.path = path
         self._cache: KVCache | None = None
+        self._runners: dict[tuple, IterationRunner] = {}
         self.eos_token_ids = set(config.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())
 
     @property
@@ -120,9 +122,22 @@ class Model:
     def _cache_for(self, capacity: int, block_rows: int) -> KVCache:
         cache = self._cache
         if cache is None or cache.capacity < capacity or cache.block_rows < block_rows:
-            self._cache = None  # free the old one before allocating the new one
+            self._cache = None  # free the old one (and the graphs that use it) before allocating anew
+            self._runners.clear()
             cache = self._cache = KVCache(self.config, capacity, block_rows, self.device, self.dtype)
         return cache
+
+    def _runner(self, mode: str, params: SamplingParams, cache: KVCache, block_rows: int) -> IterationRunner:
+        """Runners (and their CUDA graphs) are kept per mode and sampling parameters: a repeated call
+        replays the graphs captured by the first."""
+        if mode == "ngram":  # the number of drafts changes every iteration: nothing to capture
+            return IterationRunner(self.network, cache, params, drafts=block_rows - 1, diffusion=False,
+                                   use_graphs=False)
+        key = (mode, params)
+        if key not in self._runners:
+            self._runners[key] = IterationRunner(self.network, cache, params, drafts=block_rows - 1,
+                                                 diffusion=mode == "orthrus")
+        return self._runners[key]
 
     # ------------------------------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, mode: str = "orthrus", temperature: float = 0.0,
@@ -156,10 +171,8 @@ class Model:
         capacity = len(prompt_ids) + max_new_tokens + block_rows
         self.network.reserve_positions(capacity)
         cache = self._cache_for(capacity, block_rows)
-        outputs = IterationOutputs(block_rows, self.device)
         watcher = _StopWatcher(self.tokenizer, stops, stream)
         ngram = NGramDrafter(max_drafts=block_rows - 1) if mode == "ngram" else None
-        no_drafts = torch.zeros(0, dtype=torch.int64, device=self.device)
 
         tokens: list[int] = []
         histogram: Counter[int] = Counter()
@@ -180,23 +193,21 @@ class Model:
             self._synchronize()
             start = time.perf_counter()
             prompt_tensor = torch.tensor(prompt_ids, dtype=torch.int64, device=self.device)
-            anchor = prefill(self.network, cache, prompt_tensor, params)
-            take(anchor.tolist())
+            first = prefill(self.network, cache, prompt_tensor, params)
+            take(first.tolist())
             self._synchronize()
             prefill_done = time.perf_counter()
+            runner = self._runner(mode, params, cache, block_rows) if not finished else None
+            if runner is not None:
+                runner.anchor.copy_(first)
             while not finished:
-                if mode == "orthrus":
-                    drafts = diffusion_drafts(self.network, cache, anchor, params)
-                elif ngram is not None:
-                    drafts = ngram.propose(prompt_ids + tokens, self.device)
-                else:
-                    drafts = no_drafts
-                verify_and_accept(self.network, cache, anchor, drafts, params, outputs)
+                if ngram is not None:
+                    runner.drafts = ngram.propose(prompt_ids + tokens, self.device)
+                runner.step()
                 # The one host read of the iteration: how many tokens, and which.
-                count, *block = torch.cat([outputs.count.to(torch.int64), outputs.tokens]).tolist()
+                count, *block = torch.cat([runner.outputs.count.to(torch.int64), runner.outputs.tokens]).tolist()
                 histogram[count] += 1
                 take(block[:count])
-                anchor = outputs.next_anchor
             decode_done = time.perf_counter()
         watcher.finish(stopped_by_string)
 

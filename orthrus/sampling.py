@@ -45,9 +45,9 @@ class SamplingParams:
         return cls(float(temperature), top_k, float(top_p), seed & _MASK32)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32; the
-    products wrap in int64 but their low 32 bits, the only ones kept, are exact."""
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply rounds) of a Python int or an int64 tensor holding values
+    < 2**32; tensor products wrap in int64 but their low 32 bits, the only ones kept, are exact."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
@@ -58,7 +58,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """float32 [rows, vocab]: standard Gumbel noise keyed by (seed, position, token id)."""
     token_ids = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
-    row_keys = _mix32((positions.to(torch.int64) & _MASK32) ^ _mix32(torch.tensor(seed, device=positions.device)))
+    # The seed is mixed as a Python int: a CUDA graph capture may not copy host data to the device.
+    row_keys = _mix32((positions.to(torch.int64) & _MASK32) ^ _mix32(seed))
     bits = _mix32(row_keys[:, None] ^ _mix32((token_ids + 0x9E3779B9) & _MASK32)[None, :])
     # 24 random bits -> uniform in (0, 1), never 0 or 1, so both logs stay finite.
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))

@@ -1,0 +1,83 @@
+"""One decoding iteration over static buffers, replayed as CUDA graphs on the GPU.
+
+An iteration is two stages: `draft` (the diffusion pass, writing `drafts`) and `verify` (the AR pass,
+acceptance and rollback, writing `outputs` and moving `anchor` to the next anchor). Every input and output
+is a preallocated device tensor and every position is read from the cache's device-side length, so on
+CUDA each stage is captured once and replayed with no host work and no host sync; the host reads
+`outputs` once per iteration. On the CPU the same stages simply run eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+from .decode import IterationOutputs, diffusion_drafts, verify_and_accept
+from .model import Qwen3
+from .sampling import SamplingParams
+
+
+class IterationRunner:
+    def __init__(self, network: Qwen3, cache: KVCache, params: SamplingParams, drafts: int,
+                 diffusion: bool, use_graphs: bool | None = None):
+        """`drafts`: tokens proposed per iteration (0 for plain AR); `diffusion`: whether the diffusion
+        view proposes them (otherwise the caller writes `self.drafts` before `verify`)."""
+        device = network.device
+        self.network, self.cache, self.params, self.diffusion = network, cache, params, diffusion
+        self.anchor = torch.zeros(1, dtype=torch.int64, device=device)
+        self.drafts = torch.zeros(drafts, dtype=torch.int64, device=device)
+        self.outputs = IterationOutputs(drafts + 1, device)
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self._draft_graph = self._verify_graph = None
+        if self.use_graphs:
+            self._capture()
+
+    def _draft_eager(self) -> None:
+        self.drafts.copy_(diffusion_drafts(self.network, self.cache, self.anchor, self.params))
+
+    def _verify_eager(self) -> None:
+        verify_and_accept(self.network, self.cache, self.anchor, self.drafts, self.params, self.outputs)
+        self.anchor.copy_(self.outputs.next_anchor)
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (lazy initialisation must not be captured), then capture each stage.
+        # Capturing runs nothing, but warm-up does: it writes the cache at its current length and moves
+        # the length, so both are saved and restored around it.
+        length = self.cache.length.clone()
+        anchor = self.anchor.clone()
+        stream = torch.cuda.Stream(self.network.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                if self.diffusion:
+                    self._draft_eager()
+                self._verify_eager()
+                self.cache.length.copy_(length)
+        torch.cuda.current_stream().wait_stream(stream)
+        pool = torch.cuda.graph_pool_handle()
+        if self.diffusion:
+            self._draft_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._draft_graph, pool=pool):
+                self._draft_eager()
+        self._verify_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._verify_graph, pool=pool):
+            self._verify_eager()
+        self.cache.length.copy_(length)
+        self.anchor.copy_(anchor)
+
+    def draft(self) -> None:
+        if self._draft_graph is not None:
+            self._draft_graph.replay()
+        else:
+            self._draft_eager()
+
+    def verify(self) -> None:
+        if self._verify_graph is not None:
+            self._verify_graph.replay()
+        else:
+            self._verify_eager()
+
+    def step(self) -> None:
+        if self.diffusion:
+            self.draft()
+        self.verify()
