@@ -1,0 +1,40 @@
+// Greedy acceptance on the device (contract in orthrus/kernels.h): the verify pass's outcome updates the
+// cache length and the next anchor without a host round trip, so a whole iteration can be one graph.
+#include "orthrus/kernels.h"
+
+namespace orthrus {
+namespace {
+
+// One warp: 32 draft positions are compared per ballot, the first mismatch ends the accepted prefix.
+__global__ void accept_kernel(const int64_t* __restrict__ drafts, const int64_t* __restrict__ targets, int rows,
+                              int32_t* cache_len, int32_t* out_count, int64_t* next_anchor) {
+  const int lane = threadIdx.x;
+  const int num_drafts = rows - 1;
+  int accepted = num_drafts;
+  for (int base = 0; base < num_drafts; base += 32) {
+    const int index = base + lane;
+    const bool mismatch = index < num_drafts && drafts[index] != targets[index];
+    const unsigned mismatches = __ballot_sync(0xffffffffu, mismatch);
+    if (mismatches != 0u) {
+      accepted = base + __ffs(int(mismatches)) - 1;
+      break;
+    }
+  }
+  if (lane == 0) {
+    out_count[0] = accepted + 1;
+    next_anchor[0] = targets[accepted];
+    cache_len[0] += accepted + 1;
+  }
+}
+
+}  // namespace
+
+cudaError_t accept_cuda(const int64_t* drafts, const int64_t* targets, int64_t rows, int32_t* cache_len,
+                        int32_t* out_count, int64_t* next_anchor, cudaStream_t stream) {
+  if (rows < 1 || rows > kMaxBlockRows) return cudaErrorInvalidValue;
+  if ((rows > 1 && !drafts) || !targets || !cache_len || !out_count || !next_anchor) return cudaErrorInvalidValue;
+  accept_kernel<<<1, 32, 0, stream>>>(drafts, targets, int(rows), cache_len, out_count, next_anchor);
+  return cudaGetLastError();
+}
+
+}  // namespace orthrus

@@ -1,0 +1,87 @@
+// Launchers of the attention kernels (attention.cuh): argument checks, grid sizing, dtype dispatch.
+#include <cmath>
+
+#include "attention.cuh"
+#include "orthrus/kernels.h"
+
+namespace orthrus {
+namespace {
+
+int64_t attention_num_chunks(int64_t max_keys) {
+  return (max_keys + cuda_detail::kAttentionChunkKeys - 1) / cuda_detail::kAttentionChunkKeys;
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t kv_heads, cudaStream_t stream) {
+  using namespace cuda_detail;
+  constexpr int kSmemBytes = attention_smem_bytes<T, kHeadDim>();
+  // Above 48 KB of dynamic shared memory needs an opt-in; it is a function attribute, not a stream
+  // operation, so it is legal during graph capture.
+  cudaError_t status = cudaFuncSetAttribute(attention_chunk_kernel<T, kHeadDim>,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (status != cudaSuccess) return status;
+  const int vectors = params.rows * params.group;
+  // Vector tiles are the fastest grid dimension: the CTAs reading the same K/V chunk run side by side
+  // and share it through L2.
+  const dim3 grid((vectors + kAttentionVectorsPerCta - 1) / kAttentionVectorsPerCta, unsigned(kv_heads),
+                  unsigned(params.num_chunks));
+  attention_chunk_kernel<T, kHeadDim><<<grid, kAttentionWarps * 32, kSmemBytes, stream>>>(params);
+  status = cudaGetLastError();
+  if (status != cudaSuccess) return status;
+  const int items = params.rows * params.q_heads;
+  attention_merge_kernel<T, kHeadDim>
+      <<<(items + kAttentionMergeWarps - 1) / kAttentionMergeWarps, kAttentionMergeWarps * 32, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_attention_for_head_dim(const cuda_detail::AttentionParams& params, int64_t kv_heads,
+                                          int64_t head_dim, cudaStream_t stream) {
+  if (head_dim == 64) return launch_attention<T, 64>(params, kv_heads, stream);
+  return launch_attention<T, 128>(params, kv_heads, stream);
+}
+
+}  // namespace
+
+size_t attention_cuda_workspace_bytes(int64_t rows, int64_t q_heads, int64_t head_dim, int64_t max_keys) {
+  return size_t(rows) * size_t(q_heads) * size_t(attention_num_chunks(max_keys)) * size_t(head_dim + 2) *
+         sizeof(float);
+}
+
+cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, const void* v_cache,
+                           const int32_t* cache_len, const void* k_block, const void* v_block, void* out,
+                           int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, bool causal,
+                           float scale, int64_t max_keys, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (rows < 1 || rows > kMaxBlockRows || (head_dim != 64 && head_dim != 128)) return cudaErrorInvalidValue;
+  if (kv_heads < 1 || q_heads < kv_heads || q_heads % kv_heads != 0 || q_heads > 1024) return cudaErrorInvalidValue;
+  if (max_keys < rows || max_keys > 0x7fffffff - kMaxBlockRows || attention_num_chunks(max_keys) > 65535) return cudaErrorInvalidValue;
+  if (!q || !k_cache || !v_cache || !cache_len || !out || !workspace) return cudaErrorInvalidValue;
+  if (!causal && (!k_block || !v_block)) return cudaErrorInvalidValue;
+  if (workspace_bytes < attention_cuda_workspace_bytes(rows, q_heads, head_dim, max_keys)) {
+    return cudaErrorInvalidValue;
+  }
+  cuda_detail::AttentionParams params;
+  params.q = q;
+  params.k_cache = k_cache;
+  params.v_cache = v_cache;
+  params.cache_len = cache_len;
+  params.k_block = k_block;
+  params.v_block = v_block;
+  params.out = out;
+  params.num_chunks = int(attention_num_chunks(max_keys));
+  params.max_keys = int(max_keys);
+  params.partial_acc = static_cast<float*>(workspace);
+  params.partial_stats = params.partial_acc + size_t(rows) * size_t(q_heads) * params.num_chunks * head_dim;
+  params.rows = int(rows);
+  params.q_heads = int(q_heads);
+  params.kv_heads = int(kv_heads);
+  params.group = int(q_heads / kv_heads);
+  params.causal = causal;
+  params.scale_log2 = scale * float(M_LOG2E);
+  if (dtype == DType::kBFloat16) return launch_attention_for_head_dim<__nv_bfloat16>(params, kv_heads, head_dim, stream);
+  return launch_attention_for_head_dim<__half>(params, kv_heads, head_dim, stream);
+}
+
+}  // namespace orthrus

@@ -1,0 +1,388 @@
+// Row-invariant block attention over an in-place KV cache (the contract is in orthrus/kernels.h).
+//
+// Two launches. The chunk kernel splits the keys into chunks of kChunkKeys at fixed absolute positions;
+// one CTA takes one (chunk, kv head, tile of 64 query vectors), where a query vector is one (block row,
+// q head of that kv head's group), so every K/V tile it loads serves the whole GQA group and all block
+// rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with an online softmax over
+// 64-key tiles, then writes its unnormalised partial result. The merge kernel folds a row's chunks in
+// ascending order.
+//
+// Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warp runs the
+// same instruction sequence whatever the number of live rows (missing rows are zero padding); tile and
+// chunk boundaries are absolute positions; a row folds exactly the chunks that hold keys it may see; a
+// tile the row may not see at all (present only because a later row of the block sees it) leaves the
+// row's state unchanged (its scores are -inf, so p == 0 and the rescale factor is exactly 1).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "element.cuh"
+
+namespace orthrus::cuda_detail {
+
+constexpr int kAttentionChunkKeys = 512;
+constexpr int kAttentionTileKeys = 64;
+constexpr int kAttentionWarps = 4;
+constexpr int kAttentionVectorsPerWarp = 16;
+constexpr int kAttentionVectorsPerCta = kAttentionWarps * kAttentionVectorsPerWarp;
+constexpr int kAttentionStages = 3;
+constexpr int kAttentionMergeWarps = 4;
+
+struct AttentionParams {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  const int32_t* cache_len;
+  const void* k_block;
+  const void* v_block;
+  void* out;
+  float* partial_acc;    // [rows, q_heads, num_chunks, head_dim]
+  float* partial_stats;  // [rows, q_heads, num_chunks, 2]: running max (log2 units), sum of exponentials
+  int rows;
+  int q_heads;
+  int kv_heads;
+  int group;  // q_heads / kv_heads
+  int num_chunks;
+  int max_keys;  // the capacity the grid was sized for: cache_len + rows must not exceed it
+  bool causal;
+  float scale_log2;  // scale * log2(e): scores go through exp2
+};
+
+// Padding each shared-memory row by 16 bytes puts the 8 rows of an ldmatrix 8x8 tile in distinct banks.
+template <int kHeadDim>
+constexpr int attention_smem_row() {
+  return kHeadDim + 8;
+}
+
+template <typename T, int kHeadDim>
+constexpr int attention_smem_bytes() {
+  return kAttentionStages * 2 * kAttentionTileKeys * attention_smem_row<kHeadDim>() * int(sizeof(T));
+}
+
+__device__ __forceinline__ void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
+  const uint32_t dst_addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  const int src_bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+template <bool kTranspose>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if constexpr (kTranspose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
+
+// c += a (16x16, row-major) * b (16x8, column-major), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                           uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16x8x16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Exclusive upper bound of the key positions block row `block_row` may see.
+__device__ __forceinline__ int attention_key_limit(const AttentionParams& p, int cache_len, int block_row) {
+  return p.causal ? cache_len + block_row + 1 : cache_len + p.rows;
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kAttentionWarps * 32)
+    attention_chunk_kernel(const AttentionParams p) {
+  constexpr int kRow = attention_smem_row<kHeadDim>();
+  constexpr int kTileElems = kAttentionTileKeys * kRow;
+  constexpr int kDSteps = kHeadDim / 16;         // MMA k-steps over the head dimension (scores)
+  constexpr int kKeyTiles = kAttentionTileKeys / 8;  // MMA n-tiles over the keys of a tile (scores)
+  constexpr int kKeySteps = kAttentionTileKeys / 16;  // MMA k-steps over the keys (P V)
+  constexpr int kDTiles = kHeadDim / 8;          // MMA n-tiles over the head dimension (P V)
+  constexpr int kSegmentsPerKey = kHeadDim / 8;  // 16-byte copies per key row
+  constexpr int kThreads = kAttentionWarps * 32;
+
+  extern __shared__ uint4 attention_smem[];
+  T* const smem = reinterpret_cast<T*>(attention_smem);
+
+  const int vector_tile = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int chunk = blockIdx.z;
+  const int cache_len = *p.cache_len;
+  const int total_keys = cache_len + p.rows;
+  const int chunk_start = chunk * kAttentionChunkKeys;
+  // The grid covers the cache capacity; only chunks holding live keys do work (graph-capturable launch).
+  // Past the capacity nothing is read: the merge kernel reports that case.
+  if (chunk_start >= total_keys || cache_len < 0 || total_keys > p.max_keys) return;
+  const int chunk_end = min(chunk_start + kAttentionChunkKeys, total_keys);
+  const int num_tiles = (chunk_end - chunk_start + kAttentionTileKeys - 1) / kAttentionTileKeys;
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int lane_group = lane / 4;   // the row (and row + 8) of the MMA fragments this lane holds
+  const int lane_in_group = lane % 4;
+  const int vectors = p.rows * p.group;
+  const int warp_first_vector = vector_tile * kAttentionVectorsPerCta + warp * kAttentionVectorsPerWarp;
+  const bool warp_has_rows = warp_first_vector < vectors;
+
+  const T* const k_cache = static_cast<const T*>(p.k_cache);
+  const T* const v_cache = static_cast<const T*>(p.v_cache);
+  const T* const k_block = static_cast<const T*>(p.k_block);
+  const T* const v_block = static_cast<const T*>(p.v_block);
+
+  auto load_tile = [&](int tile, int stage) {
+    T* const k_stage = smem + stage * 2 * kTileElems;
+    T* const v_stage = k_stage + kTileElems;
+    const int tile_start = chunk_start + tile * kAttentionTileKeys;
+#pragma unroll
+    for (int i = threadIdx.x; i < kAttentionTileKeys * kSegmentsPerKey; i += kThreads) {
+      const int key = i / kSegmentsPerKey;
+      const int segment = i % kSegmentsPerKey;
+      const int position = tile_start + key;
+      const bool live = position < total_keys;
+      // Keys past the live length are zero-filled so that stale cache bits (NaN, say) never enter P V.
+      const T* k_src = k_cache;
+      const T* v_src = v_cache;
+      if (live) {
+        if (p.causal || position < cache_len) {
+          const size_t offset = (size_t(position) * p.kv_heads + kv_head) * kHeadDim + segment * 8;
+          k_src = k_cache + offset;
+          v_src = v_cache + offset;
+        } else {
+          const size_t offset = (size_t(position - cache_len) * p.kv_heads + kv_head) * kHeadDim + segment * 8;
+          k_src = k_block + offset;
+          v_src = v_block + offset;
+        }
+      }
+      cp_async_16_or_zero(k_stage + key * kRow + segment * 8, k_src, live);
+      cp_async_16_or_zero(v_stage + key * kRow + segment * 8, v_src, live);
+    }
+  };
+
+  // Prefetch first: the query fragments below load while the first tiles are in flight.
+#pragma unroll
+  for (int s = 0; s < kAttentionStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();
+  }
+
+  // Query fragments (A operand of the score MMA) for this lane's two rows; padding rows are zero.
+  uint32_t q_frag[kDSteps][4];
+  int key_limit[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int vector = warp_first_vector + lane_group + 8 * half;
+    const bool real = vector < vectors;
+    const int block_row = real ? vector / p.group : 0;
+    const int q_head = kv_head * p.group + (real ? vector % p.group : 0);
+    key_limit[half] = real ? attention_key_limit(p, cache_len, block_row) : total_keys;
+    const uint32_t* q_row = reinterpret_cast<const uint32_t*>(static_cast<const T*>(p.q) +
+                                                              (size_t(block_row) * p.q_heads + q_head) * kHeadDim);
+#pragma unroll
+    for (int d = 0; d < kDSteps; ++d) {
+      q_frag[d][half] = real ? q_row[d * 8 + lane_in_group] : 0u;
+      q_frag[d][half + 2] = real ? q_row[d * 8 + 4 + lane_in_group] : 0u;
+    }
+  }
+
+  float acc[kDTiles][4];
+#pragma unroll
+  for (int j = 0; j < kDTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  float running_max[2] = {-INFINITY, -INFINITY};
+  float running_sum[2] = {0.f, 0.f};  // this lane's share; the quad's shares are added at the end
+
+  // Per-lane ldmatrix offsets (elements). Scores: matrices (keys 8j, d lo), (8j, d hi), (8j+8, lo),
+  // (8j+8, hi) give the B fragments of n-tiles j and j+1. P V (transposed): (keys lo, d 8j), (keys hi,
+  // d 8j), (lo, 8j+8), (hi, 8j+8).
+  const int k_lane_offset = ((lane / 16) * 8 + lane % 8) * kRow + ((lane / 8) % 2) * 8;
+  const int v_lane_offset = (((lane / 8) % 2) * 8 + lane % 8) * kRow + (lane / 16) * 8;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kAttentionStages - 2>();
+    __syncthreads();  // the tile has landed for every thread, and every warp is done with tile - 1
+    {
+      const int next = tile + kAttentionStages - 1;
+      if (next < num_tiles) load_tile(next, next % kAttentionStages);
+      cp_async_commit();
+    }
+    if (!warp_has_rows) continue;
+
+    const T* const k_stage = smem + (tile % kAttentionStages) * 2 * kTileElems;
+    const T* const v_stage = k_stage + kTileElems;
+    const int tile_start = chunk_start + tile * kAttentionTileKeys;
+
+    float score[kKeyTiles][4];
+#pragma unroll
+    for (int j = 0; j < kKeyTiles; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.f;
+#pragma unroll
+    for (int d = 0; d < kDSteps; ++d) {
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, k_stage + k_lane_offset + j * 8 * kRow + d * 16);
+        mma_16x8x16<T>(score[j], q_frag[d], b[0], b[1]);
+        mma_16x8x16<T>(score[j + 1], q_frag[d], b[2], b[3]);
+      }
+    }
+
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kKeyTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = tile_start + j * 8 + 2 * lane_in_group + (e % 2);
+        const float s = key < key_limit[e / 2] ? score[j][e] * p.scale_log2 : -INFINITY;
+        score[j][e] = s;
+        tile_max[e / 2] = fmaxf(tile_max[e / 2], s);
+      }
+    }
+    float rescale[2];
+    float shift[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+      const float new_max = fmaxf(running_max[half], tile_max[half]);
+      // Exactly 1 when the max is unchanged (a tile the row may not see must leave its state alone).
+      rescale[half] = new_max == running_max[half] ? 1.f : exp2f(running_max[half] - new_max);
+      shift[half] = new_max == -INFINITY ? 0.f : new_max;  // no key seen yet: avoid -inf - -inf
+      running_max[half] = new_max;
+    }
+
+    float tile_sum[2] = {0.f, 0.f};
+    uint32_t p_frag[kKeySteps][4];
+#pragma unroll
+    for (int j = 0; j < kKeyTiles; ++j) {
+      float e0 = exp2f(score[j][0] - shift[0]);
+      float e1 = exp2f(score[j][1] - shift[0]);
+      float e2 = exp2f(score[j][2] - shift[1]);
+      float e3 = exp2f(score[j][3] - shift[1]);
+      tile_sum[0] += e0 + e1;
+      tile_sum[1] += e2 + e3;
+      // C fragments of n-tiles 2k and 2k+1 are exactly the A fragment of k-step k.
+      p_frag[j / 2][(j % 2) * 2 + 0] = pack2<T>(e0, e1);
+      p_frag[j / 2][(j % 2) * 2 + 1] = pack2<T>(e2, e3);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) running_sum[half] = running_sum[half] * rescale[half] + tile_sum[half];
+#pragma unroll
+    for (int j = 0; j < kDTiles; ++j) {
+      acc[j][0] *= rescale[0];
+      acc[j][1] *= rescale[0];
+      acc[j][2] *= rescale[1];
+      acc[j][3] *= rescale[1];
+    }
+#pragma unroll
+    for (int k = 0; k < kKeySteps; ++k) {
+#pragma unroll
+      for (int j = 0; j < kDTiles; j += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<true>(b, v_stage + v_lane_offset + k * 16 * kRow + j * 8);
+        mma_16x8x16<T>(acc[j], p_frag[k], b[0], b[1]);
+        mma_16x8x16<T>(acc[j + 1], p_frag[k], b[2], b[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();  // no copy may still target shared memory when the CTA retires
+
+  if (!warp_has_rows) return;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    running_sum[half] += __shfl_xor_sync(0xffffffffu, running_sum[half], 1);
+    running_sum[half] += __shfl_xor_sync(0xffffffffu, running_sum[half], 2);
+    const int vector = warp_first_vector + lane_group + 8 * half;
+    if (vector >= vectors) continue;
+    const int block_row = vector / p.group;
+    const int q_head = kv_head * p.group + vector % p.group;
+    const size_t slot = (size_t(block_row) * p.q_heads + q_head) * p.num_chunks + chunk;
+    float* const acc_out = p.partial_acc + slot * kHeadDim;
+#pragma unroll
+    for (int j = 0; j < kDTiles; ++j) {
+      *reinterpret_cast<float2*>(acc_out + j * 8 + 2 * lane_in_group) =
+          make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
+    }
+    if (lane_in_group == 0) {
+      *reinterpret_cast<float2*>(p.partial_stats + slot * 2) = make_float2(running_max[half], running_sum[half]);
+    }
+  }
+}
+
+// One warp per (block row, q head): folds the row's chunks in ascending order and normalises.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_kernel(const AttentionParams p) {
+  constexpr int kPerLane = kHeadDim / 32;
+  const int lane = threadIdx.x % 32;
+  const int item = blockIdx.x * kAttentionMergeWarps + threadIdx.x / 32;
+  if (item >= p.rows * p.q_heads) return;
+  const int block_row = item / p.q_heads;
+  const int cache_len = *p.cache_len;
+  const int last_chunk = (attention_key_limit(p, cache_len, block_row) - 1) / kAttentionChunkKeys;
+  T* const out = static_cast<T*>(p.out) + size_t(item) * kHeadDim + lane * kPerLane;
+  if (cache_len < 0 || cache_len + p.rows > p.max_keys) {
+    // The device-side length exceeds the capacity the launch was sized for (no host check is possible
+    // without a sync): fail loudly with NaN rather than return attention over keys nobody computed.
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) out[i] = from_float<T>(NAN);
+    return;
+  }
+  const float* const stats = p.partial_stats + size_t(item) * p.num_chunks * 2;
+  const float* const acc = p.partial_acc + size_t(item) * p.num_chunks * kHeadDim + lane * kPerLane;
+
+  float max_all = -INFINITY;
+  for (int c = lane; c <= last_chunk; c += 32) max_all = fmaxf(max_all, stats[2 * c]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
+
+  float sum = 0.f;
+  float merged[kPerLane];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) merged[i] = 0.f;
+#pragma unroll 4
+  for (int c = 0; c <= last_chunk; ++c) {
+    const float2 chunk_stats = *reinterpret_cast<const float2*>(stats + 2 * c);
+    const float weight = exp2f(chunk_stats.x - max_all);
+    sum += weight * chunk_stats.y;
+    float values[kPerLane];
+    if constexpr (kPerLane == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(acc + size_t(c) * kHeadDim);
+      values[0] = v.x, values[1] = v.y, values[2] = v.z, values[3] = v.w;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(acc + size_t(c) * kHeadDim);
+      values[0] = v.x, values[1] = v.y;
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) merged[i] += weight * values[i];
+  }
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) out[i] = from_float<T>(merged[i] / sum);
+}
+
+}  // namespace orthrus::cuda_detail

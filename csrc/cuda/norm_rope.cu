@@ -1,0 +1,91 @@
+// Launchers of the RMSNorm and q/k-norm + RoPE + store kernels (norm_rope.cuh).
+#include "norm_rope.cuh"
+#include "orthrus/kernels.h"
+
+namespace orthrus {
+namespace {
+
+bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+
+template <typename T>
+cudaError_t launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, void* y, int64_t rows,
+                            int64_t dim, float eps, cudaStream_t stream) {
+  using namespace cuda_detail;
+  const bool vector_access = dim % kRmsNormVector == 0 && x_row_stride % kRmsNormVector == 0 && aligned_16(x) &&
+                             aligned_16(weight) && aligned_16(y);
+  rms_norm_kernel<T><<<unsigned(rows), kRmsNormThreads, 0, stream>>>(
+      static_cast<const T*>(x), x_row_stride, static_cast<const T*>(weight), static_cast<T*>(y), int(dim), eps,
+      vector_access);
+  return cudaGetLastError();
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_qk_norm_rope_store(const cuda_detail::QkNormRopeParams& params, cudaStream_t stream) {
+  using namespace cuda_detail;
+  const int items = params.rows * (params.q_heads + params.kv_heads);
+  qk_norm_rope_store_kernel<T, kHeadDim>
+      <<<(items + kQkNormWarps - 1) / kQkNormWarps, kQkNormWarps * 32, 0, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_qk_norm_rope_store_for_head_dim(const cuda_detail::QkNormRopeParams& params, int64_t head_dim,
+                                                   cudaStream_t stream) {
+  if (head_dim == 64) return launch_qk_norm_rope_store<T, 64>(params, stream);
+  return launch_qk_norm_rope_store<T, 128>(params, stream);
+}
+
+}  // namespace
+
+cudaError_t rms_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* weight, void* y,
+                          int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (rows < 1 || rows > 0x7fffffff || dim < 1 || dim > (1 << 24) || x_row_stride < dim) return cudaErrorInvalidValue;
+  if (!x || !weight || !y) return cudaErrorInvalidValue;
+  if (dtype == DType::kBFloat16) {
+    return launch_rms_norm<__nv_bfloat16>(x, x_row_stride, weight, y, rows, dim, eps, stream);
+  }
+  return launch_rms_norm<__half>(x, x_row_stride, weight, y, rows, dim, eps, stream);
+}
+
+cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_stride, const void* k,
+                                    int64_t k_row_stride, const void* v, int64_t v_row_stride,
+                                    const void* q_norm_weight, const void* k_norm_weight,
+                                    const float* rope_cos_sin, const int32_t* positions_start, void* q_out,
+                                    void* k_dst, void* v_dst, const int32_t* dst_start, int64_t rows,
+                                    int64_t q_heads, int64_t kv_heads, int64_t head_dim, float eps,
+                                    cudaStream_t stream) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (rows < 1 || rows > kMaxBlockRows || (head_dim != 64 && head_dim != 128)) return cudaErrorInvalidValue;
+  if (q_heads < 1 || kv_heads < 1 || q_heads > 1024 || kv_heads > 1024) return cudaErrorInvalidValue;
+  if (q_row_stride < q_heads * head_dim || k_row_stride < kv_heads * head_dim || v_row_stride < kv_heads * head_dim) {
+    return cudaErrorInvalidValue;
+  }
+  if (!q || !k || !v || !q_norm_weight || !k_norm_weight || !rope_cos_sin || !positions_start || !q_out || !k_dst ||
+      !v_dst || !dst_start) {
+    return cudaErrorInvalidValue;
+  }
+  cuda_detail::QkNormRopeParams params;
+  params.q = q;
+  params.q_row_stride = q_row_stride;
+  params.k = k;
+  params.k_row_stride = k_row_stride;
+  params.v = v;
+  params.v_row_stride = v_row_stride;
+  params.q_norm_weight = q_norm_weight;
+  params.k_norm_weight = k_norm_weight;
+  params.rope_cos_sin = rope_cos_sin;
+  params.positions_start = positions_start;
+  params.q_out = q_out;
+  params.k_dst = k_dst;
+  params.v_dst = v_dst;
+  params.dst_start = dst_start;
+  params.rows = int(rows);
+  params.q_heads = int(q_heads);
+  params.kv_heads = int(kv_heads);
+  params.eps = eps;
+  if (dtype == DType::kBFloat16) return launch_qk_norm_rope_store_for_head_dim<__nv_bfloat16>(params, head_dim, stream);
+  return launch_qk_norm_rope_store_for_head_dim<__half>(params, head_dim, stream);
+}
+
+}  // namespace orthrus

@@ -1,0 +1,66 @@
+"""A small driver for compute-sanitizer (memcheck, racecheck): every CUDA kernel of this directory's
+tests once or twice at small shapes that still cross chunk, tile and warp edges. Run as
+`compute-sanitizer --tool memcheck python tests/gpu/sanitize_kernels.py`; it exits non-zero if a result
+is wrong, and the sanitizer reports any invalid access or shared-memory race."""
+
+import math
+
+import torch
+
+import orthrus_ext
+
+
+def main():
+    torch.manual_seed(0)
+    device = "cuda"
+    for dtype, head_dim, q_heads, kv_heads in ((torch.bfloat16, 128, 32, 8), (torch.float16, 64, 16, 2)):
+        for causal in (True, False):
+            rows, cache_len, capacity = 33, 1000, 1040  # two chunks, a partial last tile, two vector tiles
+            k_cache = torch.randn(capacity, kv_heads, head_dim, device=device).to(dtype)
+            v_cache = torch.randn_like(k_cache, dtype=torch.float32).to(dtype)
+            q = torch.randn(rows, q_heads, head_dim, device=device).to(dtype)
+            k_block = v_block = None
+            if not causal:
+                k_block = torch.randn(rows, kv_heads, head_dim, device=device).to(dtype)
+                v_block = torch.randn_like(k_block, dtype=torch.float32).to(dtype)
+            length = torch.tensor([cache_len], dtype=torch.int32, device=device)
+            out = orthrus_ext.attention(q, k_cache, v_cache, length, k_block, v_block, causal,
+                                        1 / math.sqrt(head_dim))
+            if causal:
+                single = orthrus_ext.attention(q[5:6].clone(), k_cache, v_cache, length + 5, None, None, True,
+                                               1 / math.sqrt(head_dim))
+                assert torch.equal(single[0], out[5])
+            assert torch.isfinite(out).all()
+
+        rows = 7
+        x = torch.randn(rows, 4096 + 8, device=device).to(dtype)[:, :4096]
+        y = orthrus_ext.rms_norm(x, torch.randn(4096, device=device).to(dtype), 1e-6)
+        assert torch.isfinite(y).all()
+
+        qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
+        q = qkv[:, :q_heads * head_dim].view(rows, q_heads, head_dim)
+        k = qkv[:, q_heads * head_dim:(q_heads + kv_heads) * head_dim].view(rows, kv_heads, head_dim)
+        v = qkv[:, (q_heads + kv_heads) * head_dim:].view(rows, kv_heads, head_dim)
+        table = torch.randn(100, head_dim, device=device)
+        k_dst = torch.zeros(20, kv_heads, head_dim, device=device, dtype=dtype)
+        v_dst = torch.zeros_like(k_dst)
+        start = torch.tensor([3], dtype=torch.int32, device=device)
+        q_out = orthrus_ext.qk_norm_rope_store(q, k, v, torch.ones(head_dim, device=device, dtype=dtype),
+                                               torch.ones(head_dim, device=device, dtype=dtype), table, start,
+                                               k_dst, v_dst, start + 10, 1e-6)
+        assert torch.isfinite(q_out).all() and torch.equal(v_dst[13:20], v)
+
+    targets = torch.arange(40, device=device)
+    drafts = targets[:39].clone()
+    drafts[35] = -1
+    cache_len = torch.tensor([10], dtype=torch.int32, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    anchor = torch.zeros(1, dtype=torch.int64, device=device)
+    orthrus_ext.accept(drafts, targets, cache_len, count, anchor)
+    assert (cache_len.item(), count.item(), anchor.item()) == (46, 36, 35)
+    torch.cuda.synchronize()
+    print("sanitize driver: all kernels ran, results checked")
+
+
+if __name__ == "__main__":
+    main()
