@@ -1,0 +1,444 @@
+// Torch bindings of the Orthrus kernels (module orthrus_ext). They validate every argument (a bad one
+// raises ValueError / TypeError naming it), allocate outputs and workspaces with the torch allocator, and
+// call the torch-free kernels of orthrus/kernels.h on the CPU or on the current CUDA stream.
+//
+// Device-side scalars (positions_start, dst_start, cache_len, out_count, next_anchor) are 1-element tensors
+// on the data's device so that CUDA graphs can replay with new values. On the CPU their values are also
+// range-checked here; on CUDA reading them would synchronize (and break graph capture), so the caller
+// guarantees their ranges there.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "orthrus/kernels.h"
+
+#ifdef ORTHRUS_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace {
+
+using orthrus::DType;
+using orthrus::kMaxBlockRows;
+
+// ---- argument checks ------------------------------------------------------------------------------------
+
+void check_defined(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK_VALUE(tensor.defined(), name, " must be a tensor, got None");
+}
+
+// The device every argument of a call must share; CUDA tensors need a CUDA build.
+c10::Device checked_device(const at::Tensor& anchor, const char* name) {
+  check_defined(anchor, name);
+  const c10::Device device = anchor.device();
+#ifdef ORTHRUS_WITH_CUDA
+  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), name, " must be on the CPU or a CUDA device, got ",
+                    device);
+#else
+  TORCH_CHECK_VALUE(device.is_cpu(), name, " is on ", device,
+                    " but orthrus_ext was built without CUDA (only CPU tensors are supported)");
+#endif
+  return device;
+}
+
+void check_device(const at::Tensor& tensor, const char* name, c10::Device device) {
+  check_defined(tensor, name);
+  TORCH_CHECK_VALUE(tensor.device() == device, name, " must be on ", device, " like the other arguments, got ",
+                    tensor.device());
+}
+
+DType kernel_dtype(const at::Tensor& tensor, const char* name) {
+  switch (tensor.scalar_type()) {
+    case at::kFloat:
+      TORCH_CHECK_TYPE(tensor.device().is_cpu(), name,
+                       " is float32, which the CUDA kernels do not support (use float16 or bfloat16)");
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", tensor.scalar_type());
+  }
+}
+
+void check_dtype(const at::Tensor& tensor, const char* name, at::ScalarType expected) {
+  TORCH_CHECK_TYPE(tensor.scalar_type() == expected, name, " must be ", expected, ", got ",
+                   tensor.scalar_type());
+}
+
+void check_dim(const at::Tensor& tensor, const char* name, int64_t dims) {
+  TORCH_CHECK_VALUE(tensor.dim() == dims, name, " must have ", dims, " dimensions, got shape ", tensor.sizes());
+}
+
+void check_size(const at::Tensor& tensor, const char* name, int64_t dim, int64_t expected, const char* what) {
+  TORCH_CHECK_VALUE(tensor.size(dim) == expected, name, ".shape[", dim, "] must be ", expected, " (", what,
+                    "), got shape ", tensor.sizes());
+}
+
+void check_contiguous(const at::Tensor& tensor, const char* name) {
+  TORCH_CHECK_VALUE(tensor.is_contiguous(), name, " must be contiguous, got strides ", tensor.strides());
+}
+
+void check_rows(int64_t rows, const char* name, const c10::Device& device) {
+  TORCH_CHECK_VALUE(rows >= 1, name, " must have at least one row");
+  TORCH_CHECK_VALUE(device.is_cpu() || rows <= kMaxBlockRows, name, " has ", rows,
+                    " rows; the CUDA kernels take at most ", kMaxBlockRows);
+}
+
+// A [rows, ...] tensor whose rows may be strided (views into a fused projection) but whose trailing
+// dimensions are packed. Returns the row stride in elements.
+int64_t checked_row_stride(const at::Tensor& tensor, const char* name) {
+  int64_t packed = 1;
+  for (int64_t dim = tensor.dim() - 1; dim >= 1; --dim) {
+    TORCH_CHECK_VALUE(tensor.size(dim) == 1 || tensor.stride(dim) == packed, name,
+                      " must be contiguous except for its row stride (dim 0), got shape ", tensor.sizes(),
+                      " and strides ", tensor.strides());
+    packed *= tensor.size(dim);
+  }
+  if (tensor.size(0) == 1) return packed;  // a single row's stride is never used
+  TORCH_CHECK_VALUE(tensor.stride(0) >= packed, name, " rows overlap: stride(0) = ", tensor.stride(0),
+                    " is less than the row size ", packed);
+  return tensor.stride(0);
+}
+
+// The CUDA kernels use 16-byte vector accesses.
+void check_cuda_alignment(const at::Tensor& tensor, const char* name, int64_t row_stride) {
+  if (!tensor.device().is_cuda()) return;
+  const auto address = reinterpret_cast<uintptr_t>(tensor.data_ptr());
+  TORCH_CHECK_VALUE(address % 16 == 0 && (row_stride * tensor.element_size()) % 16 == 0, name,
+                    " must start on a 16-byte boundary and have rows a multiple of 16 bytes apart");
+}
+
+// A 1-element int32 / int64 device scalar.
+void check_scalar_tensor(const at::Tensor& tensor, const char* name, at::ScalarType dtype, c10::Device device) {
+  check_device(tensor, name, device);
+  check_dtype(tensor, name, dtype);
+  TORCH_CHECK_VALUE(tensor.numel() == 1, name, " must hold exactly one element, got shape ", tensor.sizes());
+}
+
+void check_finite(double value, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
+}
+
+#ifdef ORTHRUS_WITH_CUDA
+void check_cuda(cudaError_t status, const char* kernel) {
+  TORCH_CHECK(status == cudaSuccess, "orthrus ", kernel, " failed: ", cudaGetErrorString(status));
+}
+
+at::Tensor cuda_workspace(size_t bytes, c10::Device device) {
+  // From the caching allocator on the current stream: safe to allocate during CUDA graph capture.
+  return at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte).device(device));
+}
+#endif
+
+// ---- ops -------------------------------------------------------------------------------------------------
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
+  const c10::Device device = checked_device(x, "x");
+  check_device(weight, "weight", device);
+  const DType dtype = kernel_dtype(x, "x");
+  check_dtype(weight, "weight", x.scalar_type());
+  check_dim(x, "x", 2);
+  check_dim(weight, "weight", 2);
+  const int64_t rows = x.size(0), in_features = x.size(1), out_features = weight.size(0);
+  check_rows(rows, "x", device);
+  check_size(weight, "weight", 1, in_features, "in_features = x.shape[1]");
+  TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, "weight must not be empty, got shape ",
+                    weight.sizes());
+  check_contiguous(weight, "weight");
+  const int64_t x_row_stride = checked_row_stride(x, "x");
+  check_cuda_alignment(x, "x", x_row_stride);
+  check_cuda_alignment(weight, "weight", in_features);
+
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  if (device.is_cpu()) {
+    orthrus::linear_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows, out_features,
+                        in_features);
+    return y;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t workspace_bytes = orthrus::linear_cuda_workspace_bytes(rows, out_features, in_features);
+  at::Tensor workspace = cuda_workspace(workspace_bytes, device);
+  check_cuda(orthrus::linear_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows,
+                                  out_features, in_features, workspace_bytes ? workspace.data_ptr() : nullptr,
+                                  workspace_bytes, at::cuda::getCurrentCUDAStream()),
+             "linear");
+#endif
+  return y;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const c10::Device device = checked_device(x, "x");
+  check_device(weight, "weight", device);
+  const DType dtype = kernel_dtype(x, "x");
+  check_dtype(weight, "weight", x.scalar_type());
+  check_dim(x, "x", 2);
+  check_dim(weight, "weight", 1);
+  const int64_t rows = x.size(0), dim = x.size(1);
+  check_rows(rows, "x", device);
+  TORCH_CHECK_VALUE(dim >= 1, "x must have at least one column");
+  check_size(weight, "weight", 0, dim, "x.shape[1]");
+  check_contiguous(weight, "weight");
+  check_finite(eps, "eps");
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+  const int64_t x_row_stride = checked_row_stride(x, "x");
+  check_cuda_alignment(x, "x", x_row_stride);
+  check_cuda_alignment(weight, "weight", dim);
+
+  at::Tensor y = at::empty({rows, dim}, x.options());
+  if (device.is_cpu()) {
+    orthrus::rms_norm_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows, dim,
+                          static_cast<float>(eps));
+    return y;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::rms_norm_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows,
+                                    dim, static_cast<float>(eps), at::cuda::getCurrentCUDAStream()),
+             "rms_norm");
+#endif
+  return y;
+}
+
+// q, k, v: [rows, heads, head_dim] row-strided views; k_dst / v_dst: [dst_rows, kv_heads, head_dim].
+at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight,
+                              const at::Tensor& rope_cos_sin, const at::Tensor& positions_start,
+                              const at::Tensor& k_dst, const at::Tensor& v_dst, const at::Tensor& dst_start,
+                              double eps) {
+  const c10::Device device = checked_device(q, "q");
+  const DType dtype = kernel_dtype(q, "q");
+  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
+      {&k, "k"}, {&v, "v"}, {&q_norm_weight, "q_norm_weight"}, {&k_norm_weight, "k_norm_weight"},
+      {&k_dst, "k_dst"}, {&v_dst, "v_dst"}};
+  for (const auto& [tensor, name] : same_dtype) {
+    check_device(*tensor, name, device);
+    check_dtype(*tensor, name, q.scalar_type());
+  }
+  check_device(rope_cos_sin, "rope_cos_sin", device);
+  check_dtype(rope_cos_sin, "rope_cos_sin", at::kFloat);
+  check_scalar_tensor(positions_start, "positions_start", at::kInt, device);
+  check_scalar_tensor(dst_start, "dst_start", at::kInt, device);
+
+  for (const auto& [tensor, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&k_dst, "k_dst"}, {&v_dst, "v_dst"}})
+    check_dim(*tensor, name, 3);
+  const int64_t rows = q.size(0), q_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
+  check_rows(rows, "q", device);
+  TORCH_CHECK_VALUE(q_heads >= 1 && kv_heads >= 1, "q and k need at least one head, got shapes ", q.sizes(),
+                    " and ", k.sizes());
+  TORCH_CHECK_VALUE(head_dim >= 2 && head_dim % 2 == 0, "q.shape[2] (head_dim) must be even and positive, got ",
+                    head_dim);
+  check_size(k, "k", 0, rows, "rows = q.shape[0]");
+  check_size(k, "k", 2, head_dim, "head_dim = q.shape[2]");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  for (const auto& [tensor, name] : {std::pair{&q_norm_weight, "q_norm_weight"}, {&k_norm_weight, "k_norm_weight"}}) {
+    check_dim(*tensor, name, 1);
+    check_size(*tensor, name, 0, head_dim, "head_dim");
+    check_contiguous(*tensor, name);
+  }
+  check_dim(rope_cos_sin, "rope_cos_sin", 2);
+  check_size(rope_cos_sin, "rope_cos_sin", 1, head_dim, "head_dim: cos in the first half, sin in the second");
+  check_contiguous(rope_cos_sin, "rope_cos_sin");
+  check_size(k_dst, "k_dst", 1, kv_heads, "kv_heads = k.shape[1]");
+  check_size(k_dst, "k_dst", 2, head_dim, "head_dim");
+  TORCH_CHECK_VALUE(v_dst.sizes() == k_dst.sizes(), "v_dst must have the shape of k_dst ", k_dst.sizes(),
+                    ", got ", v_dst.sizes());
+  check_contiguous(k_dst, "k_dst");
+  check_contiguous(v_dst, "v_dst");
+  check_finite(eps, "eps");
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+  const int64_t q_row_stride = checked_row_stride(q, "q");
+  const int64_t k_row_stride = checked_row_stride(k, "k");
+  const int64_t v_row_stride = checked_row_stride(v, "v");
+  check_cuda_alignment(q, "q", q_row_stride);
+  check_cuda_alignment(k, "k", k_row_stride);
+  check_cuda_alignment(v, "v", v_row_stride);
+  check_cuda_alignment(k_dst, "k_dst", kv_heads * head_dim);
+  check_cuda_alignment(v_dst, "v_dst", kv_heads * head_dim);
+
+  at::Tensor q_out = at::empty({rows, q_heads, head_dim}, q.options());
+  if (device.is_cpu()) {
+    const int64_t position = positions_start.item<int32_t>(), destination = dst_start.item<int32_t>();
+    TORCH_CHECK_VALUE(position >= 0 && position + rows <= rope_cos_sin.size(0), "positions_start = ", position,
+                      " with ", rows, " rows is outside rope_cos_sin (", rope_cos_sin.size(0), " positions)");
+    TORCH_CHECK_VALUE(destination >= 0 && destination + rows <= k_dst.size(0), "dst_start = ", destination,
+                      " with ", rows, " rows is outside k_dst / v_dst (", k_dst.size(0), " rows)");
+    orthrus::qk_norm_rope_store_cpu(dtype, q.data_ptr(), q_row_stride, k.data_ptr(), k_row_stride, v.data_ptr(),
+                                    v_row_stride, q_norm_weight.data_ptr(), k_norm_weight.data_ptr(),
+                                    rope_cos_sin.data_ptr<float>(), positions_start.data_ptr<int32_t>(),
+                                    q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(),
+                                    dst_start.data_ptr<int32_t>(), rows, q_heads, kv_heads, head_dim,
+                                    static_cast<float>(eps));
+    return q_out;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::qk_norm_rope_store_cuda(
+                 dtype, q.data_ptr(), q_row_stride, k.data_ptr(), k_row_stride, v.data_ptr(), v_row_stride,
+                 q_norm_weight.data_ptr(), k_norm_weight.data_ptr(), rope_cos_sin.data_ptr<float>(),
+                 positions_start.data_ptr<int32_t>(), q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(),
+                 dst_start.data_ptr<int32_t>(), rows, q_heads, kv_heads, head_dim, static_cast<float>(eps),
+                 at::cuda::getCurrentCUDAStream()),
+             "qk_norm_rope_store");
+#endif
+  return q_out;
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& cache_len, const std::optional<at::Tensor>& k_block,
+                     const std::optional<at::Tensor>& v_block, bool causal, double scale) {
+  const c10::Device device = checked_device(q, "q");
+  const DType dtype = kernel_dtype(q, "q");
+  for (const auto& [tensor, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+    check_device(*tensor, name, device);
+    check_dtype(*tensor, name, q.scalar_type());
+  }
+  check_scalar_tensor(cache_len, "cache_len", at::kInt, device);
+  check_dim(q, "q", 3);
+  check_dim(k_cache, "k_cache", 3);
+  const int64_t rows = q.size(0), q_heads = q.size(1), head_dim = q.size(2), kv_heads = k_cache.size(1);
+  const int64_t cache_rows = k_cache.size(0);
+  check_rows(rows, "q", device);
+  check_contiguous(q, "q");
+  TORCH_CHECK_VALUE(q_heads >= 1 && head_dim >= 1, "q must have heads and head_dim, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
+                    "q.shape[2] (head_dim) must be 64 or 128 on CUDA, got ", head_dim);
+  TORCH_CHECK_VALUE(kv_heads >= 1 && q_heads % kv_heads == 0, "k_cache.shape[1] (kv_heads = ", kv_heads,
+                    ") must divide q.shape[1] (q_heads = ", q_heads, ")");
+  check_size(k_cache, "k_cache", 2, head_dim, "head_dim = q.shape[2]");
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
+  check_contiguous(k_cache, "k_cache");
+  check_contiguous(v_cache, "v_cache");
+  check_finite(scale, "scale");
+  check_cuda_alignment(q, "q", q_heads * head_dim);
+  check_cuda_alignment(k_cache, "k_cache", kv_heads * head_dim);
+  check_cuda_alignment(v_cache, "v_cache", kv_heads * head_dim);
+
+  const void* k_block_data = nullptr;
+  const void* v_block_data = nullptr;
+  if (causal) {
+    TORCH_CHECK_VALUE(!k_block.has_value() && !v_block.has_value(),
+                      "k_block and v_block must be None when causal=True (the block's keys are read from the "
+                      "cache at rows [cache_len, cache_len + rows))");
+  } else {
+    TORCH_CHECK_VALUE(k_block.has_value() && v_block.has_value(),
+                      "k_block and v_block are required when causal=False");
+    for (const auto& [tensor, name] : {std::pair{&*k_block, "k_block"}, {&*v_block, "v_block"}}) {
+      check_device(*tensor, name, device);
+      check_dtype(*tensor, name, q.scalar_type());
+      check_dim(*tensor, name, 3);
+      check_size(*tensor, name, 0, rows, "rows = q.shape[0]");
+      check_size(*tensor, name, 1, kv_heads, "kv_heads = k_cache.shape[1]");
+      check_size(*tensor, name, 2, head_dim, "head_dim = q.shape[2]");
+      check_contiguous(*tensor, name);
+      check_cuda_alignment(*tensor, name, kv_heads * head_dim);
+    }
+    k_block_data = k_block->data_ptr();
+    v_block_data = v_block->data_ptr();
+  }
+
+  at::Tensor out = at::empty({rows, q_heads, head_dim}, q.options());
+  if (device.is_cpu()) {
+    const int64_t length = cache_len.item<int32_t>();
+    const int64_t needed = causal ? length + rows : length;
+    TORCH_CHECK_VALUE(length >= 0 && needed <= cache_rows, "cache_len = ", length, " with ", rows,
+                      causal ? " block rows stored in the cache" : " cached rows", " exceeds k_cache (",
+                      cache_rows, " rows)");
+    orthrus::attention_cpu(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                           cache_len.data_ptr<int32_t>(), k_block_data, v_block_data, out.data_ptr(), rows,
+                           q_heads, kv_heads, head_dim, causal, static_cast<float>(scale));
+    return out;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  // The keys a row may see never exceed the cache plus (bidirectional) the block.
+  const int64_t max_keys = causal ? cache_rows : cache_rows + rows;
+  const size_t workspace_bytes = orthrus::attention_cuda_workspace_bytes(rows, q_heads, head_dim, max_keys);
+  at::Tensor workspace = cuda_workspace(workspace_bytes, device);
+  check_cuda(orthrus::attention_cuda(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                     cache_len.data_ptr<int32_t>(), k_block_data, v_block_data, out.data_ptr(),
+                                     rows, q_heads, kv_heads, head_dim, causal, static_cast<float>(scale),
+                                     max_keys, workspace_bytes ? workspace.data_ptr() : nullptr, workspace_bytes,
+                                     at::cuda::getCurrentCUDAStream()),
+             "attention");
+#endif
+  return out;
+}
+
+void accept(const at::Tensor& drafts, const at::Tensor& targets, const at::Tensor& cache_len,
+            const at::Tensor& out_count, const at::Tensor& next_anchor) {
+  const c10::Device device = checked_device(targets, "targets");
+  check_device(drafts, "drafts", device);
+  check_dtype(targets, "targets", at::kLong);
+  check_dtype(drafts, "drafts", at::kLong);
+  check_dim(targets, "targets", 1);
+  check_dim(drafts, "drafts", 1);
+  const int64_t rows = targets.size(0);
+  check_rows(rows, "targets", device);
+  check_size(drafts, "drafts", 0, rows - 1, "targets.shape[0] - 1");
+  check_contiguous(targets, "targets");
+  check_contiguous(drafts, "drafts");
+  check_scalar_tensor(cache_len, "cache_len", at::kInt, device);
+  check_scalar_tensor(out_count, "out_count", at::kInt, device);
+  check_scalar_tensor(next_anchor, "next_anchor", at::kLong, device);
+
+  if (device.is_cpu()) {
+    orthrus::accept_cpu(drafts.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), rows,
+                        cache_len.data_ptr<int32_t>(), out_count.data_ptr<int32_t>(),
+                        next_anchor.data_ptr<int64_t>());
+    return;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::accept_cuda(drafts.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), rows,
+                                  cache_len.data_ptr<int32_t>(), out_count.data_ptr<int32_t>(),
+                                  next_anchor.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+             "accept");
+#endif
+}
+
+bool has_cuda() {
+#ifdef ORTHRUS_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The CPU kernels share torch's intra-op thread pool instead of starting their own.
+void torch_parallel_for(int64_t count, int64_t grain, void* context, orthrus::CpuParallelBody body) {
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) { body(context, begin, end); });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  orthrus::set_cpu_parallel_for(&torch_parallel_for);
+  module.doc() = "Orthrus row-invariant decode kernels (CPU and CUDA)";
+  namespace py = pybind11;
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  module.def("linear", &linear, "y = x @ weight.T with fp32 accumulation, row-invariant", py::arg("x"),
+             py::arg("weight"), release_gil);
+  module.def("rms_norm", &rms_norm, "RMSNorm of each row of x", py::arg("x"), py::arg("weight"), py::arg("eps"),
+             release_gil);
+  module.def("qk_norm_rope_store", &qk_norm_rope_store,
+             "Per-head RMSNorm + RoPE of q and k; stores k and v at rows dst_start.. of k_dst / v_dst; returns q",
+             py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
+             py::arg("rope_cos_sin"), py::arg("positions_start"), py::arg("k_dst"), py::arg("v_dst"),
+             py::arg("dst_start"), py::arg("eps"), release_gil);
+  module.def("attention", &attention,
+             "Row-invariant attention of a block over the KV cache (causal) or cache + block (bidirectional)",
+             py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"), py::arg("k_block") = py::none(),
+             py::arg("v_block") = py::none(), py::arg("causal") = true, py::arg("scale") = 1.0, release_gil);
+  module.def("accept", &accept,
+             "Longest accepted draft prefix: writes out_count, next_anchor and advances cache_len in place",
+             py::arg("drafts"), py::arg("targets"), py::arg("cache_len"), py::arg("out_count"),
+             py::arg("next_anchor"), release_gil);
+  module.def("has_cuda", &has_cuda, "Whether this build contains the CUDA kernels");
+}
