@@ -1,0 +1,301 @@
+// Row-invariant decode-phase linear layer: y[m, n] = sum_k x[m, k] * w[n, k] for 1..64 rows.
+//
+// The weights dominate the bytes (N*K against at most 64*K for x), so the kernel streams w straight from
+// device memory into tensor-core fragments and keeps x in shared memory. The MMA is m16n8k16 with the
+// roles swapped: its 16-row A operand is 16 weight rows (output features) and its 8-column B operand is 8
+// rows of x, so one 8-row group of x is the finest unit of work.
+//
+// Why the bits of row m never depend on the number of rows:
+// - Inside an MMA every output element is its own dot product; the other columns (other x rows) only
+//   share the instruction.
+// - The K order is fixed by (out_features, in_features) alone: the split into cluster ranks, the chunk
+//   order, the order of the 16-wide MMA steps and the two warps along K all come from the shape.
+// - The partial sums are added in a fixed order: warp along K 0 then 1, then cluster rank 0, 1, ...
+// - The number of 8-row groups (kRowGroups) only decides how many independent MMA columns run; row m
+//   lives in group m / 8 and goes through the same instruction sequence whatever kRowGroups is.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "element.cuh"
+#include "orthrus/kernels.h"
+
+namespace orthrus::cuda_detail {
+
+constexpr int kLinearWarpRows = 16;  // weight rows per warp: the M side of one m16n8k16 MMA
+constexpr int kLinearWarpsAlongN = 4;
+constexpr int kLinearWarpsAlongK = 2;
+constexpr int kLinearThreads = 32 * kLinearWarpsAlongN * kLinearWarpsAlongK;
+constexpr int kLinearTileRows = kLinearWarpRows * kLinearWarpsAlongN;  // weight rows (outputs) per CTA
+// One warp's share of a chunk: 4 blocks of 32 k. A lane loads 8 contiguous k (16 bytes) of a weight row
+// per block, so each weight row is read 256 contiguous bytes at a time.
+constexpr int kLinearBlocksPerStep = 4;
+constexpr int kLinearWarpStepK = 32 * kLinearBlocksPerStep;
+constexpr int kLinearChunkK = kLinearWarpStepK * kLinearWarpsAlongK;  // k staged in shared memory at once
+// Row pitch of a staged x chunk, in elements. 576 bytes = 4.5 x 128: the 16-byte fragment loads of rows g
+// and g + 1 fall into opposite halves of the 32 banks, so a quarter warp never conflicts.
+constexpr int kLinearXPitch = kLinearChunkK + 32;
+// Row pitch (floats) of the partial sums in shared memory: +4 spreads the 4 lanes of a quad over banks.
+constexpr int kLinearPartialPitch = kLinearTileRows + 4;
+constexpr int kLinearMaxSplit = 8;  // portable cluster size
+
+struct LinearParams {
+  const void* x;
+  int64_t x_row_stride;  // elements
+  const void* w;
+  void* y;
+  int rows;
+  int out_features;
+  int in_features;
+  int chunks;  // ceil(in_features / kLinearChunkK)
+  int split;   // cluster size: CTAs sharing one output tile, each summing a contiguous run of chunks
+  bool x_vector_loads;   // x and its row stride allow 16-byte copies
+  bool y_vector_stores;  // y and out_features allow 8-byte stores of 4 outputs
+};
+
+template <int kRowGroups>
+constexpr int linear_smem_bytes() {
+  // Two x chunk buffers (double buffering); the partial sums reuse them after the main loop.
+  return 2 * kRowGroups * 8 * kLinearXPitch * 2;
+}
+static_assert(kLinearPartialPitch * 8 * 4 <= 2 * 8 * kLinearXPitch * 2, "partials must fit in the x buffers");
+
+__device__ __forceinline__ uint4 load_weight_vector(const void* pointer) {
+  // Weights are read once per call: keep them out of L1 and ask L2 to fetch 256-byte runs.
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(pointer));
+  return v;
+}
+
+__device__ __forceinline__ void copy_async_16(void* shared_destination, const void* source, bool valid) {
+  const uint32_t destination = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
+  // A source size of 0 makes the copy write 16 zero bytes and read nothing.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(source),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+template <int kIndex>
+__device__ __forceinline__ uint32_t word(const uint4& v) {
+  if constexpr (kIndex == 0) return v.x;
+  if constexpr (kIndex == 1) return v.y;
+  if constexpr (kIndex == 2) return v.z;
+  return v.w;
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                            uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Stages x[0:8*kRowGroups, chunk] in shared memory; rows >= rows and k >= in_features become zeros, so
+// they add exact zeros to real outputs and never read outside x.
+template <typename T, int kRowGroups>
+__device__ __forceinline__ void stage_x_chunk(const LinearParams& p, int chunk, T* buffer) {
+  constexpr int kVectorsPerRow = kLinearChunkK / 8;
+  static_assert(kRowGroups * 8 * kVectorsPerRow % kLinearThreads == 0, "whole vectors per thread");
+  const T* x = static_cast<const T*>(p.x);
+#pragma unroll
+  for (int i = 0; i < kRowGroups * 8 * kVectorsPerRow / kLinearThreads; ++i) {
+    const int vector = i * kLinearThreads + int(threadIdx.x);
+    const int row = vector / kVectorsPerRow;
+    const int column = (vector % kVectorsPerRow) * 8;
+    const int k = chunk * kLinearChunkK + column;
+    const bool valid = row < p.rows && k < p.in_features;
+    T* destination = buffer + row * kLinearXPitch + column;
+    const T* source = x + int64_t(row) * p.x_row_stride + k;
+    if (p.x_vector_loads) {
+      copy_async_16(destination, valid ? source : x, valid);
+    } else {
+      uint16_t values[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        values[j] = valid ? reinterpret_cast<const uint16_t*>(source)[j] : uint16_t(0);
+      *reinterpret_cast<uint4*>(destination) = *reinterpret_cast<const uint4*>(values);
+    }
+  }
+}
+
+// Grid: one cluster of p.split CTAs per 64-row output tile. Each CTA: 4 warps along N (16 weight rows
+// each) x 2 warps along K (the two 128-wide halves of every 256-wide chunk).
+template <typename T, int kRowGroups>
+__global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const LinearParams p) {
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(16) unsigned char linear_smem[];
+  constexpr int kXRows = kRowGroups * 8;
+  T* const x_buffers = reinterpret_cast<T*>(linear_smem);
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int rank = int(cluster.block_rank());
+  const int tile = int(blockIdx.x) / p.split;
+  const int warp = int(threadIdx.x) / 32;
+  const int lane = int(threadIdx.x) % 32;
+  const int warp_n = warp % kLinearWarpsAlongN;
+  const int warp_k = warp / kLinearWarpsAlongN;
+  const int group = lane / 4;  // fragment row (weights) / column (x rows)
+  const int quad = lane % 4;   // which 8 contiguous k of a 32-wide block this lane holds
+
+  const int chunk_begin = int(int64_t(rank) * p.chunks / p.split);
+  const int chunk_end = int(int64_t(rank + 1) * p.chunks / p.split);
+
+  // This lane's two weight rows: the fragment rows `group` and `group + 8` of the warp's 16.
+  const int64_t weight_row = int64_t(tile) * kLinearTileRows + warp_n * kLinearWarpRows + group;
+  const T* const w = static_cast<const T*>(p.w);
+  const bool row_valid[2] = {weight_row < p.out_features, weight_row + 8 < p.out_features};
+  const T* const row_pointer[2] = {w + weight_row * p.in_features, w + (weight_row + 8) * p.in_features};
+
+  // Within a 32-wide block the lane holds k = 8 * quad + 0..7 of both rows; MMA step s of the block uses
+  // k = 8 * quad + 4 * s + 0..3. This permutes k inside the block identically for w and x (the fragment
+  // loads below pair the same words), so the dot products are unchanged and every load is 16 bytes.
+  auto load_weight_block = [&](int chunk, int block, uint4 (&fragment)[2]) {
+    const int k = chunk * kLinearChunkK + warp_k * kLinearWarpStepK + 32 * block + quad * 8;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      fragment[half] = (row_valid[half] && k < p.in_features) ? load_weight_vector(row_pointer[half] + k)
+                                                              : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  float accumulator[kRowGroups][4];
+#pragma unroll
+  for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) accumulator[g][i] = 0.0f;
+  }
+
+  // One chunk of weights in registers: as soon as a block's MMAs have been issued, its registers are
+  // reloaded with the same block of the next chunk, so a chunk of loads is always in flight.
+  uint4 weights[kLinearBlocksPerStep][2];
+  if (chunk_begin < chunk_end) {
+    stage_x_chunk<T, kRowGroups>(p, chunk_begin, x_buffers);
+    copy_async_commit();
+#pragma unroll
+    for (int block = 0; block < kLinearBlocksPerStep; ++block) load_weight_block(chunk_begin, block, weights[block]);
+  }
+  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+    const int parity = (chunk - chunk_begin) & 1;
+    const bool more = chunk + 1 < chunk_end;
+    if (more) {
+      // The other buffer was last read in the previous iteration, which ended with a barrier.
+      stage_x_chunk<T, kRowGroups>(p, chunk + 1, x_buffers + (parity ^ 1) * kXRows * kLinearXPitch);
+      copy_async_commit();
+      copy_async_wait<1>();
+    } else {
+      copy_async_wait<0>();
+    }
+    __syncthreads();
+
+    const T* const x_chunk = x_buffers + parity * kXRows * kLinearXPitch + warp_k * kLinearWarpStepK + quad * 8;
+#pragma unroll
+    for (int block = 0; block < kLinearBlocksPerStep; ++block) {
+      const uint4& row_low = weights[block][0];
+      const uint4& row_high = weights[block][1];
+#pragma unroll
+      for (int g = 0; g < kRowGroups; ++g) {
+        const uint4 x_words =
+            *reinterpret_cast<const uint4*>(x_chunk + (g * 8 + group) * kLinearXPitch + 32 * block);
+        mma_16x8x16<T>(accumulator[g], word<0>(row_low), word<0>(row_high), word<1>(row_low), word<1>(row_high),
+                       word<0>(x_words), word<1>(x_words));
+        mma_16x8x16<T>(accumulator[g], word<2>(row_low), word<2>(row_high), word<3>(row_low), word<3>(row_high),
+                       word<2>(x_words), word<3>(x_words));
+      }
+      if (more) load_weight_block(chunk + 1, block, weights[block]);
+    }
+    __syncthreads();
+  }
+
+  // Accumulator element i of group g: x row 8g + 2*quad + (i & 1), tile column warp_n*16 + group + 8*(i >> 1).
+  float* const partial = reinterpret_cast<float*>(linear_smem);
+  auto partial_index = [&](int g, int i) {
+    return (g * 8 + 2 * quad + (i & 1)) * kLinearPartialPitch + warp_n * kLinearWarpRows + group + 8 * (i >> 1);
+  };
+  if (warp_k == 1) {
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[partial_index(g, i)] = accumulator[g][i];
+    }
+  }
+  __syncthreads();
+  if (warp_k == 0) {
+#pragma unroll
+    for (int g = 0; g < kRowGroups; ++g) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) partial[partial_index(g, i)] = accumulator[g][i] + partial[partial_index(g, i)];
+    }
+  }
+  // Publishes every rank's partial tile to the cluster.
+  cluster.sync();
+
+  // Each rank finishes a slice of the tile: the sum over ranks runs in rank order for every output.
+  constexpr int kQuadsPerRow = kLinearTileRows / 4;
+  T* const y = static_cast<T*>(p.y);
+  const int64_t tile_column = int64_t(tile) * kLinearTileRows;
+  for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
+       item += p.split * kLinearThreads) {
+    const int row = item / kQuadsPerRow;
+    const int column = (item % kQuadsPerRow) * 4;
+    const int offset = row * kLinearPartialPitch + column;
+    float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, 0) + offset);
+    for (int source = 1; source < p.split; ++source) {
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, source) + offset);
+      sum.x += v.x;
+      sum.y += v.y;
+      sum.z += v.z;
+      sum.w += v.w;
+    }
+    const int64_t n = tile_column + column;
+    T* const out = y + int64_t(row) * p.out_features + n;
+    if (p.y_vector_stores && n + 4 <= p.out_features) {
+      uint2 packed;
+      packed.x = pack2<T>(sum.x, sum.y);
+      packed.y = pack2<T>(sum.z, sum.w);
+      *reinterpret_cast<uint2*>(out) = packed;
+    } else {
+      const float values[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (n + j < p.out_features) out[j] = from_float<T>(values[j]);
+      }
+    }
+  }
+  // No CTA may leave while another still reads its shared memory.
+  cluster.sync();
+}
+
+// linear_cuda with an explicit split-K cluster size (1..kLinearMaxSplit, at most the number of 256-wide
+// chunks of K) instead of linear_split_for_shape's: for tuning benchmarks and tests. Same checks.
+cudaError_t linear_cuda_with_split(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
+                                   int64_t rows, int64_t out_features, int64_t in_features, int split,
+                                   cudaStream_t stream);
+
+int linear_split_for_shape(int64_t out_features, int64_t in_features);
+
+}  // namespace orthrus::cuda_detail
