@@ -66,7 +66,7 @@ class Settings:
 FULL = dict(models=["1.7B", "4B", "8B"], contexts=[1024, 4096, 16384, 32768], prompt_tokens=64,
             repeats=ours.Repeats(ar_warmup=8, ar_steps=64, iteration_warmup=3, iterations=24, cycle=4),
             hf_new_tokens=64, hf_warmup=1, hf_repeats=3, copy_bytes=1 << 30, copy_repeats=20, budget_s=480.0,
-            hf_static_reserve_s=120.0, context_reserve_s=40.0)
+            hf_static_reserve_s=75.0, context_reserve_s=40.0)
 QUICK = dict(models=["tiny"], contexts=[64, 128], prompt_tokens=16,
              repeats=ours.Repeats(ar_warmup=2, ar_steps=8, iteration_warmup=1, iterations=4, cycle=2),
              hf_new_tokens=8, hf_warmup=1, hf_repeats=1, copy_bytes=16 << 20, copy_repeats=5, budget_s=300.0,
@@ -169,14 +169,22 @@ def free_device_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def floor_bytes(byte_counts: dict, context: int) -> tuple[int, int]:
+    """Bytes an AR step and an Orthrus iteration (two passes) must stream at `context`: the weights each
+    pass reads plus the K/V cache rows its attention reads."""
+    kv = byte_counts["kv_per_token"] * context
+    ar_step = byte_counts["ar_pass_weights"] + kv
+    return ar_step, ar_step + byte_counts["diffusion_pass_weights"] + kv
+
+
 def with_floor(timing: dict, floor_bytes: int, bandwidth: float, measured_key: str) -> dict:
     floor_ms = 1e3 * floor_bytes / bandwidth
     return dict(timing, floor_bytes=floor_bytes, floor_ms=floor_ms,
                 fraction_of_floor=floor_ms / timing[measured_key])
 
 
-def measure_ours(network, settings: Settings, prompt: torch.Tensor, bandwidth: float, budget: Budget,
-                 name: str) -> tuple[dict, list[int]]:
+def measure_ours(network, settings: Settings, prompt: torch.Tensor, byte_counts: dict, bandwidth: float,
+                 budget: Budget, name: str) -> tuple[dict, list[int]]:
     """Our AR and Orthrus timings at the prompt context and every scaling context; also returns the AR
     continuation of the prompt (for the HF agreement check)."""
     config, device, dtype = network.config, network.device, network.dtype
@@ -191,9 +199,6 @@ def measure_ours(network, settings: Settings, prompt: torch.Tensor, bandwidth: f
     for variant in variants.values():
         variant.reserve_positions(capacity)
     cache = KVCache(config, capacity, max_block, device, dtype)
-    kv_token = kv_bytes_per_token(config, dtype)
-    ar_weights = streamed_weight_bytes(network, "ar")
-    iteration_weights = ar_weights + streamed_weight_bytes(network, "diffusion")
     generator = torch.Generator(device=device)
     generator.manual_seed(1)
     result = {}
@@ -207,11 +212,12 @@ def measure_ours(network, settings: Settings, prompt: torch.Tensor, bandwidth: f
 
         def measure_context(context: int, anchor: torch.Tensor, with_taus: bool):
             ar, continuation = ours.time_ar(ar_runner, clock, context, anchor, repeats, ar_steps)
-            ar = with_floor(ar, ar_weights + kv_token * context, bandwidth, "ms_per_token")
+            ar_step_bytes, iteration_bytes = floor_bytes(byte_counts, context)
+            ar = with_floor(ar, ar_step_bytes, bandwidth, "ms_per_token")
             orthrus = {}
             for block, runner in runners.items():
                 full = ours.time_orthrus(runner, clock, context, continuation, float(block), repeats)
-                full = with_floor(full, iteration_weights + 2 * kv_token * context, bandwidth, "iteration_ms")
+                full = with_floor(full, iteration_bytes, bandwidth, "iteration_ms")
                 if not with_taus:
                     orthrus[str(block)] = full
                     continue
@@ -262,13 +268,13 @@ def measure_hf(network, settings: Settings, prompt: torch.Tensor, budget: Budget
                                              settings.hf_repeats)
     else:
         result["dynamic"] = {"skipped": budget.skipped[-1]}
-    # A static run compiles the model first; its cost grows with the model, so it is estimated from the
-    # last model's run scaled by parameter count.
-    parameters = unique_weight_bytes(network)
+    # A static run is mostly torch.compile, whose cost follows the number of layers it traces (50 s for
+    # the 28 layers of 1.7B on an H100, 2026-11-22): estimated from the last model's run.
+    layers = network.config.num_hidden_layers
     needed = settings.hf_static_reserve_s
     if static_history:
-        last_parameters, last_seconds = static_history[-1]
-        needed = max(needed, 1.5 * last_seconds * parameters / last_parameters)
+        last_layers, last_seconds = static_history[-1]
+        needed = max(needed, 1.3 * last_seconds * layers / last_layers)
     if budget.allows(needed, f"{name} HF static cache"):
         log(budget, f"{name}: HF static cache (compiles on CUDA)")
         if device.type == "cuda":
@@ -280,7 +286,7 @@ def measure_hf(network, settings: Settings, prompt: torch.Tensor, budget: Budget
         except Exception as error:  # a baseline that fails to compile is reported, not fatal
             result["static"] = {"error": f"{type(error).__name__}: {error}"}
         result["static_seconds_with_compile"] = time.perf_counter() - start
-        static_history.append((parameters, result["static_seconds_with_compile"]))
+        static_history.append((layers, result["static_seconds_with_compile"]))
     else:
         result["static"] = {"skipped": budget.skipped[-1]}
     if our_continuation is not None:
@@ -325,6 +331,12 @@ def benchmark_model(name: str, settings: Settings, args, device, dtype, bandwidt
         "diffusion_block_scratch_bytes": block_scratch,
         "diffusion_view_extra_bytes": diffusion_view_bytes(network) + block_scratch,
     }
+    # The floor needs no engine: bytes each pass must stream at each context, over the copy bandwidth.
+    entry["floor"] = {}
+    for context in [settings.prompt_tokens] + settings.contexts:
+        ar_step_bytes, iteration_bytes = floor_bytes(entry["bytes"], context)
+        entry["floor"][str(context)] = {"ar_step_ms": 1e3 * ar_step_bytes / bandwidth,
+                                        "orthrus_iteration_ms": 1e3 * iteration_bytes / bandwidth}
     prompt_generator = torch.Generator(device=device)
     prompt_generator.manual_seed(args.seed + 1)
     prompt = torch.randint(0, config.vocab_size, (settings.prompt_tokens,), device=device,
@@ -332,7 +344,8 @@ def benchmark_model(name: str, settings: Settings, args, device, dtype, bandwidt
 
     continuation = None
     if "ours" in args.parts:
-        measured, continuation = measure_ours(network, settings, prompt, bandwidth, budget, name)
+        measured, continuation = measure_ours(network, settings, prompt, entry["bytes"], bandwidth, budget,
+                                               name)
         entry.update(measured)
         free_device_memory(device)
     if device.type == "cuda":
@@ -384,6 +397,8 @@ def main(argv=None) -> int:
     bandwidth = results["copy_bandwidth"]["bytes_per_second"]
     static_history: list = []
     for name in settings.models:
+        if not budget.allows(settings.context_reserve_s, f"model {name}"):
+            continue
         results["models"][name] = benchmark_model(name, settings, args, device, dtype, bandwidth, budget,
                                                   static_history)
         results["meta"]["elapsed_s"] = budget.elapsed()

@@ -82,14 +82,13 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int, cache_implementa
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, cache_implementation=cache_implementation,
                   pad_token_id=0)
     times, output = [], None
-    with torch.inference_mode():
-        for call in range(warmup + repeats):
-            start = clock.mark()
-            output = model.generate(prompt[None], **kwargs)
-            end = clock.mark()
-            clock.synchronize()
-            if call >= warmup:
-                times.append(clock.ms(start, end))
+    for call in range(warmup + repeats):
+        start = clock.mark()
+        output = model.generate(prompt[None], **kwargs)
+        end = clock.mark()
+        clock.synchronize()
+        if call >= warmup:
+            times.append(clock.ms(start, end))
     generated = output[0, prompt.shape[0]:].tolist()
     if len(generated) != new_tokens:
         raise RuntimeError(f"HF generate ({cache_implementation} cache) produced {len(generated)} tokens, "

@@ -49,7 +49,7 @@ def markdown(results: dict) -> str:
     for name, model in models.items():
         ar = model.get("ar")
         rows.append([name, str(model["prompt_tokens"]),
-                     _number(ar and ar["tokens_per_second"]), _number(ar and 1e3 / ar["floor_ms"]),
+                     _number(ar and ar["tokens_per_second"]), _number(1e3 / model["floor"][str(model["prompt_tokens"])]["ar_step_ms"]),
                      _percent(ar and ar["fraction_of_floor"]), _hf_speed(model, "dynamic"),
                      _hf_speed(model, "static"),
                      _number(model["memory"].get("peak_bytes") and model["memory"]["peak_bytes"] / GB, 2),
