@@ -89,14 +89,16 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
   }
 }
 
-// c += a (16x16, row-major) * b (16x8, column-major), fp32 accumulation.
+// c += a (16x16, row-major) * b (16x8, column-major), fp32 accumulation. Not volatile: it touches no
+// memory, so the compiler may overlap it with the shared-memory loads feeding the next MMAs (volatile
+// asm keeps program order, which serialised every ldmatrix -> mma latency).
 template <typename T>
 __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 
 template <>
 __device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                            uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -106,7 +108,7 @@ __device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&c)[4], const 
 template <>
 __device__ __forceinline__ void mma_16x8x16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                                     uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -242,14 +244,16 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
     float score[kKeyTiles][4];
 #pragma unroll
     for (int j = 0; j < kKeyTiles; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.f;
+    // All B fragments of a k-step are loaded before its MMAs, so the loads' latencies overlap.
 #pragma unroll
     for (int d = 0; d < kDSteps; ++d) {
+      uint32_t b[kKeyTiles / 2][4];
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; j += 2) ldmatrix_x4<false>(b[j / 2], k_stage + k_lane_offset + j * 8 * kRow + d * 16);
 #pragma unroll
       for (int j = 0; j < kKeyTiles; j += 2) {
-        uint32_t b[4];
-        ldmatrix_x4<false>(b, k_stage + k_lane_offset + j * 8 * kRow + d * 16);
-        mma_16x8x16<T>(score[j], q_frag[d], b[0], b[1]);
-        mma_16x8x16<T>(score[j + 1], q_frag[d], b[2], b[3]);
+        mma_16x8x16<T>(score[j], q_frag[d], b[j / 2][0], b[j / 2][1]);
+        mma_16x8x16<T>(score[j + 1], q_frag[d], b[j / 2][2], b[j / 2][3]);
       }
     }
 
@@ -302,12 +306,13 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
     }
 #pragma unroll
     for (int k = 0; k < kKeySteps; ++k) {
+      uint32_t b[kDTiles / 2][4];
+#pragma unroll
+      for (int j = 0; j < kDTiles; j += 2) ldmatrix_x4<true>(b[j / 2], v_stage + v_lane_offset + k * 16 * kRow + j * 8);
 #pragma unroll
       for (int j = 0; j < kDTiles; j += 2) {
-        uint32_t b[4];
-        ldmatrix_x4<true>(b, v_stage + v_lane_offset + k * 16 * kRow + j * 8);
-        mma_16x8x16<T>(acc[j], p_frag[k], b[0], b[1]);
-        mma_16x8x16<T>(acc[j + 1], p_frag[k], b[2], b[3]);
+        mma_16x8x16<T>(acc[j], p_frag[k], b[j / 2][0], b[j / 2][1]);
+        mma_16x8x16<T>(acc[j + 1], p_frag[k], b[j / 2][2], b[j / 2][3]);
       }
     }
   }
