@@ -71,14 +71,16 @@ class _StopWatcher:
 
 
 class Model:
-    def __init__(self, config: ModelConfig, network: Qwen3, tokenizer: Tokenizer | None, path: str):
+    def __init__(self, config: ModelConfig, network: Qwen3, tokenizer: Tokenizer | None, path: str,
+                 extra_eos_token_ids: set[int] = frozenset()):
         self.config = config
         self.network = network
         self.tokenizer = tokenizer
         self.path = path
         self._cache: KVCache | None = None
         self._runners: dict[tuple, IterationRunner] = {}
-        self.eos_token_ids = set(config.eos_token_ids) | (tokenizer.eos_token_ids if tokenizer else set())
+        self.eos_token_ids = (set(config.eos_token_ids) | set(extra_eos_token_ids)
+                              | (tokenizer.eos_token_ids if tokenizer else set()))
 
     @property
     def device(self) -> torch.device:

@@ -38,7 +38,23 @@ def load(path, device=None, dtype=None) -> Model:
     config = ModelConfig.from_file(directory / "config.json")
     tensors = CheckpointTensors(directory)
     network = build_network(config, tensors, device, dtype)
-    return Model(config, network, Tokenizer.from_directory(directory), str(path))
+    return Model(config, network, Tokenizer.from_directory(directory), str(path),
+                 extra_eos_token_ids=generation_eos_ids(directory))
+
+
+def generation_eos_ids(directory: Path) -> set[int]:
+    """Released Qwen3 checkpoints list their end-of-turn ids in generation_config.json."""
+    path = directory / "generation_config.json"
+    if not path.exists():
+        return set()
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise OrthrusError(f"{path}: not a valid JSON object ({error})") from None
+    ids = [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise OrthrusError(f"{path}: 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
+    return set(ids)
 
 
 def resolve_checkpoint(path) -> Path:
