@@ -21,6 +21,7 @@ from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 MODES = ("orthrus", "ar", "ngram")
+CACHE_GRANULARITY = 1024
 NGRAM_BLOCK_ROWS = 16  # n-gram verify block on plain Qwen3 checkpoints (Orthrus ones use their block_size)
 
 
@@ -170,7 +171,8 @@ class Model:
         block_rows = 1 if mode == "ar" else self.config.block_size or NGRAM_BLOCK_ROWS
         if block_rows > ops.MAX_BLOCK_ROWS:
             raise OrthrusError(f"block_size {block_rows} exceeds the kernels' limit of {ops.MAX_BLOCK_ROWS} rows")
-        capacity = len(prompt_ids) + max_new_tokens + block_rows
+        # Rounded up so that a run of similar requests reuses one cache and its captured graphs.
+        capacity = -(-(len(prompt_ids) + max_new_tokens + block_rows) // CACHE_GRANULARITY) * CACHE_GRANULARITY
         self.network.reserve_positions(capacity)
         cache = self._cache_for(capacity, block_rows)
         watcher = _StopWatcher(self.tokenizer, stops, stream)
