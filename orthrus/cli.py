@@ -14,10 +14,15 @@ def _generate(args) -> int:
     from .default_model import default_model_path
     from .loader import load
 
+    prompt = _prompt_ids(args.prompt) if args.ids else args.prompt
     model = load(args.model or default_model_path(), device=args.device, dtype=args.dtype)
-    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    if args.chat and model.tokenizer is None:
-        raise OrthrusError(f"--chat needs a tokenizer, and {model.path} has no tokenizer.json")
+    if args.chat:
+        if model.tokenizer is None:
+            raise OrthrusError(f"--chat needs a tokenizer, and {model.path} has no tokenizer.json")
+        prompt = [{"role": "user", "content": args.prompt}]
+    elif model.tokenizer is None and not args.ids:
+        raise OrthrusError(f"{model.path} has no tokenizer.json, so a text prompt cannot be encoded; "
+                           "give token ids as the prompt with --ids (e.g. `orthrus generate --ids '1 2 3'`)")
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
@@ -41,6 +46,25 @@ def _generate(args) -> int:
     return 0
 
 
+def _prompt_ids(text: str) -> list[int]:
+    words = text.replace(",", " ").split()
+    if not all(word.isdigit() for word in words):
+        raise OrthrusError(f"prompt: with --ids it must be token ids separated by spaces or commas, got {text!r}")
+    return [int(word) for word in words]
+
+
+def _one_line(message) -> str:
+    # Messages may quote multi-line text (hub errors, template errors); the report stays a single line.
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """Argument errors are reported like every other error: one line on stderr, no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"orthrus: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def _train(args) -> int:
     from .train import main as train_main
 
@@ -57,7 +81,7 @@ def _dtype(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orthrus", description="Exact multi-token decoding for Qwen3.")
+    parser = _ArgumentParser(prog="orthrus", description="Exact multi-token decoding for Qwen3.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text from a prompt")
@@ -70,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    prompt_kind = generate.add_mutually_exclusive_group()
+    prompt_kind.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    prompt_kind.add_argument("--ids", action="store_true",
+                             help="the prompt is token ids separated by spaces or commas (no tokenizer needed)")
     generate.add_argument("--json", action="store_true", help="print one JSON object {text, tokens, stats}")
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     generate.add_argument("--dtype", type=_dtype, default=None, help="float32, float16 or bfloat16")
@@ -88,7 +115,7 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except OrthrusError as error:
-        print(f"orthrus: error: {error}", file=sys.stderr)
+        print(f"orthrus: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("orthrus: interrupted", file=sys.stderr)
@@ -96,5 +123,5 @@ def main(argv=None) -> int:
     except Exception as error:  # a one-line report for users; ORTHRUS_DEBUG=1 keeps the traceback
         if os.environ.get("ORTHRUS_DEBUG"):
             raise
-        print(f"orthrus: error: {type(error).__name__}: {error}", file=sys.stderr)
+        print(f"orthrus: error: {type(error).__name__}: {_one_line(error)}", file=sys.stderr)
         return 1

@@ -133,6 +133,8 @@ class ModelConfig:
             raise OrthrusError(f"{path}: file not found (a checkpoint directory needs config.json)") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise OrthrusError(f"{path}: not valid JSON ({error})") from None
+        except OSError as error:
+            raise OrthrusError(f"{path}: cannot read ({error.strerror or error})") from None
         return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict:

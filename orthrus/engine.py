@@ -154,7 +154,7 @@ class Model:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise OrthrusError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         params = SamplingParams.create(temperature, top_k, top_p, seed)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = list(stop) if isinstance(stop, (list, tuple)) else [] if stop is None else [stop]
         if not all(isinstance(s, str) and s for s in stops):
             raise OrthrusError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         if stops and self.tokenizer is None:

@@ -26,10 +26,7 @@ def load(path, device=None, dtype=None) -> Model:
     """Load a checkpoint. `device` defaults to CUDA when available, else CPU; `dtype` to bfloat16 on CUDA
     and float32 on CPU."""
     directory = resolve_checkpoint(path)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    ops.check_device(device)
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -40,6 +37,26 @@ def load(path, device=None, dtype=None) -> Model:
     network = build_network(config, tensors, device, dtype)
     return Model(config, network, Tokenizer.from_directory(directory), str(path),
                  extra_eos_token_ids=generation_eos_ids(directory))
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise OrthrusError(f"device {device!r} is not a valid torch device ({error})") from None
+    if device.type == "cuda":
+        # torch.cuda.current_device() fails with a bare AssertionError on a CPU-only torch.
+        if not torch.cuda.is_available():
+            raise OrthrusError(f"device {device}: CUDA is not available here (torch {torch.__version__}); "
+                               "use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise OrthrusError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    ops.check_device(device)
+    return device
 
 
 def generation_eos_ids(directory: Path) -> set[int]:
@@ -90,11 +107,17 @@ class CheckpointTensors:
         index_path, single_path = directory / INDEX_FILE, directory / SINGLE_FILE
         if index_path.exists():
             try:
-                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-                raise OrthrusError(f"{index_path}: not a valid safetensors index ({error!r})") from None
-            if not isinstance(weight_map, dict):
-                raise OrthrusError(f"{index_path}: 'weight_map' must map tensor names to shard files")
+                index = json.loads(index_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as error:
+                raise OrthrusError(f"{index_path}: not a readable JSON file ({error})") from None
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            # Shards are plain file names next to the index: anything else would read files outside the
+            # checkpoint directory (or fail later with a TypeError on a non-string entry).
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(file, str) and file not in ("", ".", "..") and Path(file).name == file
+                    for file in weight_map.values()):
+                raise OrthrusError(f"{index_path}: needs a 'weight_map' object mapping tensor names to shard "
+                                   "file names in the checkpoint directory")
             files = sorted(set(weight_map.values()))
         elif single_path.exists():
             files = [SINGLE_FILE]
@@ -158,8 +181,8 @@ def build_network(config: ModelConfig, tensors: CheckpointTensors, device, dtype
     present = tensors.names()
     has_diff = any("_diff." in name for name in present)
     if has_diff and not config.has_diffusion_view:
-        raise OrthrusError(f"config.json: the checkpoint has *_diff tensors but no 'block_size' and "
-                           "'mask_token_id' fields")
+        raise OrthrusError(f"{tensors.directory / 'config.json'}: the checkpoint has *_diff tensors but no "
+                           "'block_size' and 'mask_token_id' fields")
     shapes = expected_shapes(config, config.has_diffusion_view)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = sorted(set(shapes) - present)
