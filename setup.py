@@ -34,7 +34,7 @@ def cuda_requested() -> bool:
     missing = []
     if torch.version.cuda is None:
         missing.append(f"torch {torch.__version__} was built without CUDA")
-    if CUDA_HOME is None:
+    elif CUDA_HOME is None:  # torch only looks for nvcc when it has CUDA itself
         missing.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
     if forced == "1" and missing:
         raise SystemExit("orthrus: ORTHRUS_CUDA=1 but " + "; ".join(missing))

@@ -1,9 +1,9 @@
-// Shared pieces of the CPU kernels: storage conversions, 8-lane float vectors, the fixed-order reductions
-// that make results row-invariant, and the parallel-for used by every kernel.
+// Shared pieces of the CPU kernels: storage conversions, dtype dispatch, the parallel-for, scratch memory,
+// and the problem descriptions handed to the per-instruction-set kernel bodies (see simd.h).
 //
 // Row invariance on the CPU rests on two rules: every output element is computed by one fixed sequence of
 // floating-point operations whatever the tiling around it, and no operation is fused unless the code says
-// so (the build passes -ffp-contract=off; fused multiply-adds are explicit, see FusedMath).
+// so (the build passes -ffp-contract=off; fused multiply-adds are explicit, see simd.h).
 #pragma once
 
 #include <cmath>
@@ -11,11 +11,12 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "orthrus/kernels.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
+// An AVX2+FMA build of the kernel bodies, chosen at run time, with GCC (it relies on #pragma GCC target).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define ORTHRUS_CPU_X86_DISPATCH 1
 #else
 #define ORTHRUS_CPU_X86_DISPATCH 0
@@ -127,60 +128,6 @@ inline void dispatch_dtype(DType dtype, Function&& function) {
   }
 }
 
-// ---- 8-lane vectors and fixed-order reductions ---------------------------------------------------------
-
-typedef float Float8 __attribute__((vector_size(32)));
-
-inline Float8 load8(const float* source) {
-  Float8 value;
-  std::memcpy(&value, source, sizeof(value));
-  return value;
-}
-
-inline void store8(float* destination, const Float8& value) { std::memcpy(destination, &value, sizeof(value)); }
-
-inline Float8 broadcast8(float value) { return Float8{value, value, value, value, value, value, value, value}; }
-
-// The one order in which the 8 lanes of an accumulator are summed.
-inline float reduce8(const Float8& lanes) {
-  const float low = (lanes[0] + lanes[4]) + (lanes[2] + lanes[6]);
-  const float high = (lanes[1] + lanes[5]) + (lanes[3] + lanes[7]);
-  return low + high;
-}
-
-// Multiply-add flavours. PlainMath rounds twice (portable baseline); FusedMath rounds once and is used
-// for the whole process when the CPU has AVX2+FMA. A process never mixes them.
-struct PlainMath {
-  static Float8 multiply_add(const Float8& a, const Float8& b, const Float8& accumulator) {
-    return a * b + accumulator;
-  }
-};
-
-#if ORTHRUS_CPU_X86_DISPATCH
-struct FusedMath {
-  __attribute__((target("avx2,fma"))) static Float8 multiply_add(Float8 a, Float8 b, Float8 accumulator) {
-    return Float8(_mm256_fmadd_ps(__m256(a), __m256(b), __m256(accumulator)));
-  }
-};
-#endif
-
-// True when kernels should take their FusedMath path: x86 with AVX2 and FMA, unless ORTHRUS_CPU_FMA=0.
-bool use_fused_math();
-
-// Sum of squares in the fixed order used by every normalization: 8 lanes over i mod 8, reduce8, then the
-// tail in index order.
-inline float sum_of_squares(const float* values, int64_t count) {
-  Float8 lanes = broadcast8(0.0f);
-  const int64_t vector_end = count & ~int64_t(7);
-  for (int64_t i = 0; i < vector_end; i += 8) {
-    const Float8 value = load8(values + i);
-    lanes = value * value + lanes;
-  }
-  float sum = reduce8(lanes);
-  for (int64_t i = vector_end; i < count; ++i) sum = values[i] * values[i] + sum;
-  return sum;
-}
-
 // ---- threading -----------------------------------------------------------------------------------------
 
 // Runs body(context, begin, end) over [0, count) on the installed parallel-for (see kernels.h).
@@ -196,5 +143,68 @@ inline void parallel_for(int64_t count, int64_t grain, Function&& function) {
 
 // Per-thread scratch of at least `count` floats, reused across calls (valid until the thread's next call).
 float* thread_scratch(int64_t count, int slot);
+
+// The same for other element types, one array per type.
+template <class T>
+T* thread_array(int64_t count) {
+  thread_local std::vector<T> array;
+  if (int64_t(array.size()) < count) array.resize(size_t(count));
+  return array.data();
+}
+
+// True when the kernels should run their AVX2+FMA build: x86 with AVX2, FMA and F16C, unless
+// ORTHRUS_CPU_FMA=0. Decided once per process, so that all results of a process round the same way.
+bool use_fused_math();
+
+// ---- kernel bodies, built once per instruction set ---------------------------------------------------------
+
+struct LinearProblem {
+  DType dtype;
+  const float* x;  // fp32 rows
+  int64_t x_row_stride;
+  const void* w;
+  void* y;
+  int64_t rows;
+  int64_t out_features;
+  int64_t in_features;
+};
+
+// Output features per tile: a single decode row reuses nothing across rows, so it spends the registers
+// on more weight rows at once.
+constexpr int kSingleRowTileCols = 8;
+constexpr int kBlockTileRows = 4;
+constexpr int kBlockTileCols = 3;
+inline int64_t linear_tile_cols(int64_t rows) { return rows == 1 ? kSingleRowTileCols : kBlockTileCols; }
+
+struct AttentionProblem {
+  DType dtype;
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  int64_t cache_len;
+  const void* k_block;
+  const void* v_block;
+  void* out;
+  int64_t rows;
+  int64_t q_heads;
+  int64_t kv_heads;
+  int64_t head_dim;
+  bool causal;
+  float scale;
+};
+
+// Rows per attention task: the rows of a task share every key and value they load.
+constexpr int64_t kAttentionRowsPerTask = 8;
+
+namespace portable {
+void linear_range(const LinearProblem& problem, int64_t first_tile, int64_t end_tile);
+void attention_range(const AttentionProblem& problem, int64_t first_task, int64_t end_task);
+}  // namespace portable
+#if ORTHRUS_CPU_X86_DISPATCH
+namespace fused {
+void linear_range(const LinearProblem& problem, int64_t first_tile, int64_t end_tile);
+void attention_range(const AttentionProblem& problem, int64_t first_task, int64_t end_task);
+}  // namespace fused
+#endif
 
 }  // namespace orthrus::cpu

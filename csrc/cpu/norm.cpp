@@ -2,8 +2,15 @@
 // row (and head) is normalized on its own, so results are row-invariant by construction.
 
 #include <algorithm>
+#include <cstring>
 
 #include "cpu_common.h"
+
+// Normalization is cheap next to the matrix products: one portable build serves every CPU.
+#define ORTHRUS_SIMD_FUSED 0
+namespace orthrus::cpu::normalization {
+#include "simd.h"
+}  // namespace orthrus::cpu::normalization
 
 namespace orthrus {
 namespace cpu {
@@ -11,7 +18,7 @@ namespace {
 
 // y = x * (1 / sqrt(mean(x^2) + eps)) * weight, all in fp32, in place on `values`.
 inline void rms_normalize(float* values, const float* weight, int64_t dim, float eps) {
-  const float inverse_rms = 1.0f / std::sqrt(sum_of_squares(values, dim) / float(dim) + eps);
+  const float inverse_rms = 1.0f / std::sqrt(normalization::sum_of_squares(values, dim) / float(dim) + eps);
   for (int64_t i = 0; i < dim; ++i) values[i] = values[i] * inverse_rms * weight[i];
 }
 

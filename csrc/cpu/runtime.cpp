@@ -132,7 +132,7 @@ bool use_fused_math() {
     const char* setting = std::getenv("ORTHRUS_CPU_FMA");
     if (setting && setting[0] == '0') return false;
 #if ORTHRUS_CPU_X86_DISPATCH
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     return false;
 #endif
