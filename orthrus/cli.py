@@ -111,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse.REMAINDER cannot start with an option (`train --base ...`): train's arguments bypass it.
+    is_train = argv[:1] == ["train"]
+    args = build_parser().parse_args(argv[:1] if is_train else argv)
+    if is_train:
+        args.train_args = argv[1:]
     try:
         return args.run(args)
     except OrthrusError as error:
