@@ -15,8 +15,10 @@
 #include "orthrus/kernels.h"
 
 #ifdef ORTHRUS_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+// c10 rather than ATen/cuda: the stream and the device guard are all that is needed, without pulling in
+// the cuBLAS / cuSPARSE headers.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace {
@@ -166,7 +168,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   at::Tensor workspace = cuda_workspace(workspace_bytes, device);
   check_cuda(orthrus::linear_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows,
                                   out_features, in_features, workspace_bytes ? workspace.data_ptr() : nullptr,
-                                  workspace_bytes, at::cuda::getCurrentCUDAStream()),
+                                  workspace_bytes, c10::cuda::getCurrentCUDAStream()),
              "linear");
 #endif
   return y;
@@ -199,7 +201,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 #ifdef ORTHRUS_WITH_CUDA
   const c10::cuda::CUDAGuard guard(device);
   check_cuda(orthrus::rms_norm_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows,
-                                    dim, static_cast<float>(eps), at::cuda::getCurrentCUDAStream()),
+                                    dim, static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
              "rms_norm");
 #endif
   return y;
@@ -283,7 +285,7 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
                  q_norm_weight.data_ptr(), k_norm_weight.data_ptr(), rope_cos_sin.data_ptr<float>(),
                  positions_start.data_ptr<int32_t>(), q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(),
                  dst_start.data_ptr<int32_t>(), rows, q_heads, kv_heads, head_dim, static_cast<float>(eps),
-                 at::cuda::getCurrentCUDAStream()),
+                 c10::cuda::getCurrentCUDAStream()),
              "qk_norm_rope_store");
 #endif
   return q_out;
@@ -365,7 +367,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                                      cache_len.data_ptr<int32_t>(), k_block_data, v_block_data, out.data_ptr(),
                                      rows, q_heads, kv_heads, head_dim, causal, static_cast<float>(scale),
                                      max_keys, workspace_bytes ? workspace.data_ptr() : nullptr, workspace_bytes,
-                                     at::cuda::getCurrentCUDAStream()),
+                                     c10::cuda::getCurrentCUDAStream()),
              "attention");
 #endif
   return out;
@@ -398,7 +400,7 @@ void accept(const at::Tensor& drafts, const at::Tensor& targets, const at::Tenso
   const c10::cuda::CUDAGuard guard(device);
   check_cuda(orthrus::accept_cuda(drafts.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), rows,
                                   cache_len.data_ptr<int32_t>(), out_count.data_ptr<int32_t>(),
-                                  next_anchor.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()),
+                                  next_anchor.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
              "accept");
 #endif
 }
