@@ -8,6 +8,7 @@ CUTLASS_DIR, else the `cutlass_library` package (pip install nvidia-cutlass); se
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
@@ -68,6 +69,11 @@ def extension():
     # -ffp-contract=off: no fused multiply-adds the code did not ask for, so every code path of a kernel
     # rounds identically (row invariance).
     cxx_flags = ["-O3", "-g0", "-ffp-contract=off"]
+    if sys.platform.startswith("linux"):
+        # The CPU kernels run on torch's intra-op pool through at::parallel_for, whose OpenMP body is
+        # compiled into this module: without -fopenmp it would run on one thread. Nothing is added at link
+        # time, so the GOMP symbols bind to the libgomp torch already loaded: one OpenMP runtime, one pool.
+        cxx_flags.append("-fopenmp")
     if not cuda_requested():
         return CppExtension("orthrus_ext", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags})

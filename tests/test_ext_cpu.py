@@ -140,15 +140,22 @@ def test_linear_rounds_like_torch(gen, dtype):
     assert torch.equal(narrow, wide.to(dtype))
 
 
-def test_linear_same_bits_for_any_thread_count(gen):
+def test_same_bits_for_any_thread_count(gen):
     x = randn(gen, 33, 256)
     weight = randn(gen, 515, 256)
+    q, k_cache, v_cache, cache_len, scale = attention_setup(gen, torch.float32, 40, head_dim=64)
     threads = torch.get_num_threads()
+
+    def run():
+        return (ext.linear(x, weight),
+                ext.attention(q, k_cache, v_cache, scalar(cache_len), None, None, True, scale))
+
     try:
         torch.set_num_threads(1)
-        single = ext.linear(x, weight)
-        torch.set_num_threads(max(2, threads))
-        assert torch.equal(ext.linear(x, weight), single)
+        single = run()
+        torch.set_num_threads(max(4, threads))
+        for one, many in zip(single, run()):
+            assert torch.equal(one, many)
     finally:
         torch.set_num_threads(threads)
 
