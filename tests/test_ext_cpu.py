@@ -45,9 +45,10 @@ def assert_close(actual, expected, dtype, magnitude):
     """|actual - expected| <= RTOL[dtype] * magnitude, elementwise (magnitude: the size of the terms)."""
     error = (actual.double() - expected).abs()
     bound = RTOL[dtype] * magnitude
+    bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(error)
     worst = (error - bound).argmax()
     assert bool((error <= bound).all()), (
-        f"{dtype}: error {error.flatten()[worst]:.3g} exceeds {torch.as_tensor(bound).expand_as(error).flatten()[worst]:.3g}"
+        f"{dtype}: error {error.flatten()[worst]:.3g} exceeds {bound.flatten()[worst]:.3g}"
     )
 
 

@@ -13,9 +13,8 @@ namespace {
 
 // Dot products of two queries with four keys, side by side (eight independent accumulators keep both
 // FMA pipes busy); each is the same operation sequence (8 lanes over d, reduce8, tail in order) whichever
-// slot it takes.
+// slot it takes. Kept out of line: inlined into attend, GCC spills its vectors and pointers.
 template <DType kDType>
-// Kept out of line: inlined into attend, GCC spills its vectors and pointers.
 __attribute__((noinline)) void dot_2x4(const float* const* queries, const typename Storage<kDType>::type* const* keys,
                     int64_t head_dim, float dots[2][4]) {
   Float8 lanes[2][4];
@@ -106,26 +105,26 @@ inline void accumulate_columns(const QueryBlock& block, const typename Storage<k
     switch (together) {
       case 4:
         accumulate_values<kDType, 4, kChunks>(weights, block.scores_stride, values, key_begin, common_end,
-                                                    column, accumulators, block.accumulator_stride);
+                                              column, accumulators, block.accumulator_stride);
         break;
       case 3:
         accumulate_values<kDType, 3, kChunks>(weights, block.scores_stride, values, key_begin, common_end,
-                                                    column, accumulators, block.accumulator_stride);
+                                              column, accumulators, block.accumulator_stride);
         break;
       case 2:
         accumulate_values<kDType, 2, kChunks>(weights, block.scores_stride, values, key_begin, common_end,
-                                                    column, accumulators, block.accumulator_stride);
+                                              column, accumulators, block.accumulator_stride);
         break;
       default:
         accumulate_values<kDType, 1, kChunks>(weights, block.scores_stride, values, key_begin, common_end,
-                                                    column, accumulators, block.accumulator_stride);
+                                              column, accumulators, block.accumulator_stride);
         break;
     }
     for (int64_t q = q0; q < q0 + together; ++q)
       accumulate_values<kDType, 1, kChunks>(block.scores + q * block.scores_stride, block.scores_stride, values,
-                                                  common_end, std::min(key_end, block.keys[q]), column,
-                                                  block.accumulators + q * block.accumulator_stride,
-                                                  block.accumulator_stride);
+                                            common_end, std::min(key_end, block.keys[q]), column,
+                                            block.accumulators + q * block.accumulator_stride,
+                                            block.accumulator_stride);
   }
 }
 
@@ -238,7 +237,8 @@ inline void attend(const AttentionProblem& problem, int64_t first_task, int64_t 
       }
       for (int64_t d = 0; d < head_dim; ++d) accumulator[d] = accumulator[d] / totals_of_query[q];
       const int64_t row = first_row + q / group, head = kv_head * group + q % group;
-      store_row<kDType>(accumulator, head_dim, static_cast<Element*>(problem.out) + (row * problem.q_heads + head) * head_dim);
+      Element* out = static_cast<Element*>(problem.out) + (row * problem.q_heads + head) * head_dim;
+      store_row<kDType>(accumulator, head_dim, out);
     }
   }
 }

@@ -436,8 +436,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("dst_start"), py::arg("eps"), release_gil);
   module.def("attention", &attention,
              "Row-invariant attention of a block over the KV cache (causal) or cache + block (bidirectional)",
-             py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"), py::arg("k_block") = py::none(),
-             py::arg("v_block") = py::none(), py::arg("causal") = true, py::arg("scale") = 1.0, release_gil);
+             py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_len"),
+             py::arg("k_block").none(true), py::arg("v_block").none(true), py::arg("causal"), py::arg("scale"),
+             release_gil);
   module.def("accept", &accept,
              "Longest accepted draft prefix: writes out_count, next_anchor and advances cache_len in place",
              py::arg("drafts"), py::arg("targets"), py::arg("cache_len"), py::arg("out_count"),

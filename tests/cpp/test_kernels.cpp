@@ -279,10 +279,16 @@ AttentionCase make_attention_case(DType dtype, int64_t rows) {
   const int64_t dims[] = {8, 16, 20, 32, 64, 128};
   const int64_t head_dim = dims[uniform_int(0, 5)], cache_len = uniform_int(0, 100);
   const int64_t cache_rows = cache_len + rows + uniform_int(0, 10);
-  AttentionCase c{dtype, rows, q_heads, kv_heads, head_dim, cache_len, cache_rows, float(1 / std::sqrt(head_dim)),
-                  random_buffer(dtype, rows * q_heads * head_dim), random_buffer(dtype, cache_rows * kv_heads * head_dim),
-                  random_buffer(dtype, cache_rows * kv_heads * head_dim), random_buffer(dtype, rows * kv_heads * head_dim),
-                  random_buffer(dtype, rows * kv_heads * head_dim)};
+  const int64_t cache_size = cache_rows * kv_heads * head_dim, block_size = rows * kv_heads * head_dim;
+  AttentionCase c{dtype,      rows,
+                  q_heads,    kv_heads,
+                  head_dim,   cache_len,
+                  cache_rows, float(1 / std::sqrt(head_dim)),
+                  random_buffer(dtype, rows * q_heads * head_dim),
+                  random_buffer(dtype, cache_size),
+                  random_buffer(dtype, cache_size),
+                  random_buffer(dtype, block_size),
+                  random_buffer(dtype, block_size)};
   // Rows past what any call may read are poison.
   for (int64_t i = (cache_len + rows) * kv_heads * head_dim; i < cache_rows * kv_heads * head_dim; ++i) {
     c.k_cache.set(i, NAN);
