@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import ops
 from .cache import KVCache
@@ -106,8 +105,7 @@ class Qwen3:
         return ops.linear(out.reshape(rows, q_size), weights.o)
 
     def mlp(self, h: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        gate, up = ops.linear(h, layer.gate_up).chunk(2, dim=-1)
-        return ops.linear(F.silu(gate) * up, layer.down)
+        return ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.linear(hidden, self.lm_head)

@@ -47,6 +47,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return extension().linear(x, weight)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of [gate | up] rows. On CUDA torch's elementwise kernels treat every element alike; on the CPU
+    their vector/scalar split moves with the tensor size, so decode blocks use the extension's kernel."""
+    if gate_up.device.type == "cpu" and gate_up.shape[0] <= MAX_BLOCK_ROWS:
+        return extension().silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.shape[0] > MAX_BLOCK_ROWS:
         return reference_rms_norm(x, weight, eps)

@@ -218,6 +218,23 @@ def run_qk_norm_rope_store(q, k, v, q_weight, k_weight, table, position, dst_row
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_reference_and_is_row_invariant(gen, dtype):
+    rows, features = randint(gen, 2, 64), randint(gen, 1, 300)
+    gate_up = rows_view(gen, rows, 2 * features, dtype)
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    expected = gate * torch.sigmoid(gate) * up
+    actual = ext.silu_mul(gate_up)
+    assert_close(actual, expected, dtype, (gate.abs() * up.abs()).clamp_min(1e-3))
+    singles = torch.cat([ext.silu_mul(gate_up[m:m + 1]) for m in range(rows)])
+    assert torch.equal(actual.view(torch.int8), singles.view(torch.int8))
+
+
+def test_silu_mul_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="even"):
+        ext.silu_mul(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_qk_norm_rope_store_matches_reference(gen, dtype):
     rows = randint(gen, 1, 64)
     q, k, v, q_weight, k_weight, table, position, dst_rows, dst_start = qk_norm_rope_setup(gen, dtype, rows)

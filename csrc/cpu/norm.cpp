@@ -110,3 +110,30 @@ void qk_norm_rope_store_cpu(DType dtype, const void* q, int64_t q_row_stride, co
 }
 
 }  // namespace orthrus
+
+namespace orthrus {
+
+void silu_mul_cpu(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
+                  int64_t features) {
+  if (rows <= 0 || features <= 0) return;
+  cpu::dispatch_dtype(dtype, [&](auto tag) {
+    constexpr DType kDType = decltype(tag)::value;
+    using Element = typename cpu::Storage<kDType>::type;
+    const auto* input = static_cast<const Element*>(gate_up);
+    auto* output = static_cast<Element*>(y);
+    const int64_t grain = std::max<int64_t>(1, 16384 / features);
+    cpu::parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
+      float* gate = cpu::thread_scratch(2 * features, 0);
+      float* up = gate + features;
+      for (int64_t m = begin; m < end; ++m) {
+        cpu::load_row<kDType>(input + m * gate_up_row_stride, features, gate);
+        cpu::load_row<kDType>(input + m * gate_up_row_stride + features, features, up);
+        // A plain scalar loop: every element takes the same expf, wherever it sits in the tensor.
+        for (int64_t i = 0; i < features; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+        cpu::store_row<kDType>(gate, features, output + m * features);
+      }
+    });
+  });
+}
+
+}  // namespace orthrus

@@ -207,6 +207,20 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  const c10::Device device = checked_device(gate_up, "gate_up");
+  TORCH_CHECK_VALUE(device.is_cpu(), "silu_mul is a CPU kernel (on CUDA, torch's SwiGLU is row-invariant)");
+  const DType dtype = kernel_dtype(gate_up, "gate_up");
+  check_dim(gate_up, "gate_up", 2);
+  const int64_t rows = gate_up.size(0), columns = gate_up.size(1);
+  TORCH_CHECK_VALUE(columns >= 2 && columns % 2 == 0, "gate_up must have an even, non-zero number of columns, got ",
+                    columns);
+  const int64_t row_stride = checked_row_stride(gate_up, "gate_up");
+  at::Tensor y = at::empty({rows, columns / 2}, gate_up.options());
+  orthrus::silu_mul_cpu(dtype, gate_up.data_ptr(), row_stride, y.data_ptr(), rows, columns / 2);
+  return y;
+}
+
 // q, k, v: [rows, heads, head_dim] row-strided views; k_dst / v_dst: [dst_rows, kv_heads, head_dim].
 at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight,
@@ -428,6 +442,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("linear", &linear, "y = x @ weight.T with fp32 accumulation, row-invariant", py::arg("x"),
              py::arg("weight"), release_gil);
   module.def("rms_norm", &rms_norm, "RMSNorm of each row of x", py::arg("x"), py::arg("weight"), py::arg("eps"),
+             release_gil);
+  module.def("silu_mul", &silu_mul, "SwiGLU of [gate | up] rows on the CPU: silu(gate) * up", py::arg("gate_up"),
              release_gil);
   module.def("qk_norm_rope_store", &qk_norm_rope_store,
              "Per-head RMSNorm + RoPE of q and k; stores k and v at rows dst_start.. of k_dst / v_dst; returns q",

@@ -72,6 +72,13 @@ void attention_cpu(DType dtype, const void* q, const void* k_cache, const void* 
                    int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim, bool causal,
                    float scale);
 
+// silu_mul: y[m, i] = silu(gate_up[m, i]) * gate_up[m, features + i] (SwiGLU; gate rows first), fp32 math,
+//   gate_up row stride gate_up_row_stride (elements), y [rows, features] contiguous. CPU only: torch's CPU
+//   elementwise kernels switch between vector and scalar code at size-dependent offsets, which can change
+//   an element's rounding with the row count; on CUDA every element already takes the same path.
+void silu_mul_cpu(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
+                  int64_t features);
+
 void accept_cpu(const int64_t* drafts, const int64_t* targets, int64_t rows, int32_t* cache_len,
                 int32_t* out_count, int64_t* next_anchor);
 
