@@ -75,7 +75,7 @@ def extension():
         # time, so the GOMP symbols bind to the libgomp torch already loaded: one OpenMP runtime, one pool.
         cxx_flags.append("-fopenmp")
     if not cuda_requested():
-        return CppExtension("orthrus_ext", sources, include_dirs=include_dirs,
+        return CppExtension("orthrus_ext._C", sources, include_dirs=include_dirs,
                             extra_compile_args={"cxx": cxx_flags})
     cuda_sources = relative_sources("csrc/cuda/*.cu")
     if not cuda_sources:
@@ -89,7 +89,7 @@ def extension():
         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
     ]
-    return CUDAExtension("orthrus_ext", sources + cuda_sources, include_dirs=include_dirs,
+    return CUDAExtension("orthrus_ext._C", sources + cuda_sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx_flags + ["-DORTHRUS_WITH_CUDA"], "nvcc": nvcc_flags})
 
 

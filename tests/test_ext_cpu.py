@@ -459,3 +459,13 @@ def test_bidirectional_attention_requires_the_block(k_block, v_block):
     with pytest.raises(ValueError, match="k_block and v_block are required"):
         ext.attention(**arguments)
 
+
+
+def test_extension_imports_on_its_own():
+    """`import orthrus_ext` must not need `import torch` first (the package loads libtorch for it)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import orthrus_ext; print(orthrus_ext.has_cuda())"],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr

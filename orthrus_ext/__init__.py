@@ -1,0 +1,10 @@
+"""orthrus_ext: Orthrus's row-invariant decode kernels (CPU, and CUDA when built with it) as torch ops.
+
+The compiled module links against libtorch, which `import torch` loads; importing it here first is what
+lets `import orthrus_ext` work on its own."""
+
+import torch  # noqa: F401
+
+from ._C import accept, attention, has_cuda, linear, qk_norm_rope_store, rms_norm, silu_mul
+
+__all__ = ["accept", "attention", "has_cuda", "linear", "qk_norm_rope_store", "rms_norm", "silu_mul"]
