@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 try:
     import torch
@@ -93,4 +93,11 @@ def extension():
                          extra_compile_args={"cxx": cxx_flags + ["-DORTHRUS_WITH_CUDA"], "nvcc": nvcc_flags})
 
 
-setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension})
+# orthrus_ext's Python side lives in csrc/ so that a source checkout on sys.path (pytest run from the
+# repository root) cannot shadow the installed package that holds the compiled _C module.
+setup(
+    packages=find_packages(include=["orthrus", "orthrus.*"]) + ["orthrus_ext"],
+    package_dir={"orthrus_ext": "csrc/orthrus_ext"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)

@@ -10,7 +10,7 @@ note() { summary+=("$1"); }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "CUTLASS wheel install failed"; exit 1; }
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:$PWD/csrc:/tmp/site PYTHONUNBUFFERED=1  # csrc/: orthrus_ext built in place
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 
 start=$(date +%s)
