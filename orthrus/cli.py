@@ -30,7 +30,8 @@ def _generate(args) -> int:
 
     result = model.generate(prompt, max_new_tokens=args.max_new_tokens, mode=args.mode,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            stop=args.stop, stream=None if args.json else stream)
+                            stop=args.stop, stream=None if args.json else stream,
+                            enable_thinking=False if args.no_thinking else None)
     if args.json:
         print(json.dumps({"text": result.text, "tokens": result.tokens, "stats": result.stats}))
         return 0
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     prompt_kind = generate.add_mutually_exclusive_group()
     prompt_kind.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    generate.add_argument("--no-thinking", action="store_true",
+                          help="with --chat: render the template with enable_thinking=False (Qwen3)")
     prompt_kind.add_argument("--ids", action="store_true",
                              help="the prompt is token ids separated by spaces or commas (no tokenizer needed)")
     generate.add_argument("--json", action="store_true", help="print one JSON object {text, tokens, stats}")

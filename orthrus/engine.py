@@ -96,12 +96,14 @@ class Model:
         return f"Model({self.path!r}, {kind}, device={self.device}, dtype={self.dtype})"
 
     # ------------------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt) -> list[int]:
-        """A str (raw text), a list of token ids, or a list of chat messages -> token ids."""
+    def encode_prompt(self, prompt, enable_thinking: bool | None = None) -> list[int]:
+        """A str (raw text), a list of token ids, or a list of chat messages -> token ids. For messages,
+        `enable_thinking` goes to the chat template (Qwen3's switch for its <think> block)."""
         if isinstance(prompt, str):
             ids = self._require_tokenizer("a text prompt").encode(prompt)
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = self._require_tokenizer("chat messages").apply_chat_template(list(prompt))
+            text = self._require_tokenizer("chat messages").apply_chat_template(
+                list(prompt), enable_thinking=enable_thinking)
             ids = self.tokenizer.encode(text)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             ids = list(prompt)
@@ -145,7 +147,8 @@ class Model:
     # ------------------------------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, mode: str = "orthrus", temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop=None,
-                 stream: Callable[[str], None] | None = None) -> GenerationResult:
+                 stream: Callable[[str], None] | None = None,
+                 enable_thinking: bool | None = None) -> GenerationResult:
         if mode not in MODES:
             raise OrthrusError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "orthrus" and not self.network.has_diffusion_view:
@@ -161,7 +164,7 @@ class Model:
             raise OrthrusError(f"stop strings need a tokenizer, and {self.path} has no tokenizer.json")
         if stream is not None and not callable(stream):
             raise OrthrusError(f"stream must be a callable taking a str, got {type(stream).__name__}")
-        prompt_ids = self.encode_prompt(prompt)
+        prompt_ids = self.encode_prompt(prompt, enable_thinking)
         limit = self.config.max_position_embeddings
         if len(prompt_ids) + max_new_tokens > limit:
             raise OrthrusError(

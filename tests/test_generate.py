@@ -133,3 +133,21 @@ def test_plain_qwen3_generates_ar_and_ngram_but_not_orthrus(tmp_path):
     assert model.generate([1, 2, 3] * 5, max_new_tokens=20, mode="ngram").tokens == ar.tokens
     with pytest.raises(orthrus.OrthrusError, match="orthrus train"):
         model.generate([1, 2, 3], mode="orthrus")
+
+
+def test_enable_thinking_reaches_the_chat_template(tmp_path):
+    import json
+
+    write_checkpoint(tmp_path)
+    write_tokenizer(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = ("{{ messages[0]['content'] }}"
+                               "{% if enable_thinking is defined and not enable_thinking %} no-think{% endif %}")
+    config_path.write_text(json.dumps(config))
+    model = orthrus.load(tmp_path, device="cpu")
+    messages = [{"role": "user", "content": "hi"}]
+    assert model.tokenizer.decode(model.encode_prompt(messages)) == "hi"
+    assert model.tokenizer.decode(model.encode_prompt(messages, enable_thinking=False)) == "hi no-think"
+    thinking_off = model.generate(messages, max_new_tokens=4, enable_thinking=False)
+    assert thinking_off.tokens == model.generate(model.encode_prompt(messages, False), max_new_tokens=4).tokens
