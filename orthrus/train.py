@@ -83,7 +83,7 @@ class TrainableQwen3(nn.Module):
     def __init__(self, config: ModelConfig, tensors: dict[str, torch.Tensor], with_diffusion: bool):
         super().__init__()
         self.config = config
-        if with_diffusion and f"model.layers.0.self_attn.q_proj_diff.weight" not in tensors:
+        if with_diffusion and "model.layers.0.self_attn.q_proj_diff.weight" not in tensors:
             tensors = dict(tensors)
             for i in range(config.num_hidden_layers):  # the diffusion view starts as a copy of the AR view
                 for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"):

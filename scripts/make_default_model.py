@@ -291,6 +291,7 @@ def step_diffusion(args) -> None:
                        batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
                        max_minutes=args.max_minutes, lr=args.lr, warmup_steps=args.warmup_steps,
                        eval_every=args.eval_every, eval_prompts=eval_prompts, seed=args.seed,
+                       self_distill=args.self_distill, self_distill_temperature=args.self_distill_temperature,
                        device=args.device, max_shard_mb=MAX_SHARD_MB, progress=not args.no_progress)
         from safetensors.torch import load_file, save_file
         tensors = {}
@@ -363,6 +364,9 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks-per-sequence", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=8)
+    parser.add_argument("--self-distill", type=int, default=0, metavar="N",
+                        help="also train on N sequences sampled from the base (see orthrus train)")
+    parser.add_argument("--self-distill-temperature", type=float, default=0.0)
     # assemble
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--out", default=str(PACKAGE_MODEL))
