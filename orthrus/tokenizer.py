@@ -214,6 +214,12 @@ class Tokenizer:
             raise OrthrusError(f"text must be a str, got {type(text).__name__}")
         return self._backend.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once, tokenized in parallel by the tokenizers library (training corpora)."""
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise OrthrusError("texts must be a list of str")
+        return [encoding.ids for encoding in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Ids the vocabulary lacks decode to nothing, as in transformers: embedding tables are often
         padded beyond the tokenizer's vocabulary, and a model may still emit one of those rows."""

@@ -409,11 +409,9 @@ def _jsonl_texts(file: Path) -> list[str]:
 def token_stream(documents: list[str], tokenizer: Tokenizer, separator: int | None, seed: int) -> torch.Tensor:
     """All documents, in a seeded order, tokenized and joined by the separator (the EOS token)."""
     order = torch.randperm(len(documents), generator=torch.Generator().manual_seed(seed)).tolist()
-    # The backend's batch encoder runs on every core; Tokenizer.encode is the same encoding one at a time.
-    encodings = tokenizer._backend.encode_batch([documents[i] for i in order], add_special_tokens=False)
     pieces = []
-    for encoding in encodings:
-        pieces.extend(encoding.ids)
+    for ids in tokenizer.encode_batch([documents[i] for i in order]):
+        pieces.extend(ids)
         if separator is not None:
             pieces.append(separator)
     return torch.tensor(pieces, dtype=torch.int64)

@@ -435,3 +435,10 @@ def test_added_tokens_decoder_reconciled(tmp_path):
     gap = {"added_tokens_decoder": {str(next_id + 5): {"content": "<gap>", "special": True}}}
     with pytest.raises(OrthrusError, match="cannot be appended"):
         Tokenizer.from_directory(_write_tiny_checkpoint(tmp_path / "gap", gap))
+
+
+def test_qwen_encode_batch_equals_encode(qwen):
+    texts = ["def f(x):\n    return x", "héllo wörld 你好", "", "<|im_start|>user"]
+    assert qwen.encode_batch(texts) == [qwen.encode(text) for text in texts]
+    with pytest.raises(OrthrusError, match="list of str"):
+        qwen.encode_batch(["ok", 3])
