@@ -34,10 +34,6 @@ class KVCache:
     def block_rows(self) -> int:
         return self.block_k.shape[0]
 
-    def fits(self, capacity: int, block_rows: int, device, dtype) -> bool:
-        return (self.capacity >= capacity and self.block_rows >= block_rows and self.k.device == device
-                and self.k.dtype == dtype)
-
     def rollback(self, length: int) -> None:
         """Forget every position at and after `length`."""
         self.length.fill_(length)
