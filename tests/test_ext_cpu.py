@@ -181,6 +181,22 @@ def test_rms_norm_matches_reference_and_is_row_invariant(gen, dtype):
         assert torch.equal(full, ext.rms_norm(x.float(), weight.float(), eps).to(dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_updates_the_residual_and_normalises_it(gen, dtype):
+    dim = randint(gen, 1, 300)
+    x = randn(gen, 64, dim, dtype=dtype)
+    delta = randn(gen, 64, dim, dtype=dtype)
+    weight = randn(gen, dim, dtype=dtype)
+    eps = 1e-6
+    residual = x.clone()
+    full = ext.add_rms_norm(residual, delta, weight, eps)
+    assert torch.equal(residual, x + delta)
+    assert torch.equal(full, ext.rms_norm(x + delta, weight, eps))
+    for rows in (1, 7, 33):
+        part = x[:rows].clone()
+        assert torch.equal(ext.add_rms_norm(part, delta[:rows], weight, eps), full[:rows]), f"rows={rows}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # qk_norm_rope_store
 
@@ -369,6 +385,7 @@ def good_arguments():
     return {
         "linear": dict(x=torch.randn(rows, 8), weight=torch.randn(5, 8)),
         "rms_norm": dict(x=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
+        "add_rms_norm": dict(x=torch.randn(rows, 8), delta=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
         "qk_norm_rope_store": dict(
             q=torch.randn(rows, q_heads, head_dim), k=torch.randn(rows, kv_heads, head_dim),
             v=torch.randn(rows, kv_heads, head_dim), q_norm_weight=torch.ones(head_dim),
@@ -401,6 +418,12 @@ BAD_ARGUMENTS = [
     ("rms_norm", "weight", lambda a: a["weight"].bfloat16(), TypeError),
     ("rms_norm", "eps", lambda a: float("nan"), ValueError),
     ("rms_norm", "eps", lambda a: -1.0, ValueError),
+    ("add_rms_norm", "x", lambda a: torch.randn(8, 4).T, ValueError),
+    ("add_rms_norm", "delta", lambda a: a["delta"][:3], ValueError),
+    ("add_rms_norm", "delta", lambda a: a["delta"].bfloat16(), TypeError),
+    ("add_rms_norm", "delta", lambda a: a["x"], ValueError),
+    ("add_rms_norm", "weight", lambda a: torch.randn(9), ValueError),
+    ("add_rms_norm", "eps", lambda a: -1.0, ValueError),
     ("qk_norm_rope_store", "q", lambda a: a["q"].to(torch.float64), TypeError),
     ("qk_norm_rope_store", "q", lambda a: torch.randn(4, 4, 15), ValueError),
     ("qk_norm_rope_store", "q", lambda a: torch.randn(4, 16, 4).transpose(1, 2), ValueError),

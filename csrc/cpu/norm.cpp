@@ -38,26 +38,52 @@ inline void rotate(float* values, const float* cos_sin, int64_t head_dim) {
 }  // namespace
 }  // namespace cpu
 
-void rms_norm_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* weight, void* y,
-                  int64_t rows, int64_t dim, float eps) {
+namespace {
+
+// RMSNorm of each row of x into y; with a delta, x += delta (rounded to the element type) first, in place.
+void normalize_rows(DType dtype, void* x, int64_t x_row_stride, const void* delta, const void* weight, void* y,
+                    int64_t rows, int64_t dim, float eps) {
   if (rows <= 0 || dim <= 0) return;
   cpu::dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType kDType = decltype(tag)::value;
     using Element = typename cpu::Storage<kDType>::type;
-    const auto* x_elements = static_cast<const Element*>(x);
+    auto* x_elements = static_cast<Element*>(x);
+    const auto* delta_elements = static_cast<const Element*>(delta);
     auto* y_elements = static_cast<Element*>(y);
     const int64_t grain = std::max<int64_t>(1, 16384 / dim);
     cpu::parallel_for(rows, grain, [&](int64_t begin, int64_t end) {
-      float* weight_f32 = cpu::thread_scratch(2 * dim, 0);
+      float* weight_f32 = cpu::thread_scratch(3 * dim, 0);
       float* row_f32 = weight_f32 + dim;
+      float* delta_f32 = row_f32 + dim;
       cpu::load_row<kDType>(weight, dim, weight_f32);
       for (int64_t m = begin; m < end; ++m) {
-        cpu::load_row<kDType>(x_elements + m * x_row_stride, dim, row_f32);
+        Element* const x_row = x_elements + m * x_row_stride;
+        cpu::load_row<kDType>(x_row, dim, row_f32);
+        if (delta_elements) {
+          cpu::load_row<kDType>(delta_elements + m * dim, dim, delta_f32);
+          for (int64_t i = 0; i < dim; ++i) row_f32[i] += delta_f32[i];
+          // Normalise the stored (rounded) sum, exactly what a separate add and norm would see.
+          cpu::store_row<kDType>(row_f32, dim, x_row);
+          cpu::load_row<kDType>(x_row, dim, row_f32);
+        }
         cpu::rms_normalize(row_f32, weight_f32, dim, eps);
         cpu::store_row<kDType>(row_f32, dim, y_elements + m * dim);
       }
     });
   });
+}
+
+}  // namespace
+
+void rms_norm_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* weight, void* y,
+                  int64_t rows, int64_t dim, float eps) {
+  // Without a delta x is only read.
+  normalize_rows(dtype, const_cast<void*>(x), x_row_stride, nullptr, weight, y, rows, dim, eps);
+}
+
+void add_rms_norm_cpu(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
+                      int64_t dim, float eps) {
+  normalize_rows(dtype, x, dim, delta, weight, y, rows, dim, eps);
 }
 
 void qk_norm_rope_store_cpu(DType dtype, const void* q, int64_t q_row_stride, const void* k,

@@ -1,5 +1,6 @@
 // Greedy acceptance on the device (contract in orthrus/kernels.h): the verify pass's outcome updates the
 // cache length and the next anchor without a host round trip, so a whole iteration can be one graph.
+#include "launch.cuh"
 #include "orthrus/kernels.h"
 
 namespace orthrus {
@@ -8,6 +9,8 @@ namespace {
 // One warp: 32 draft positions are compared per ballot, the first mismatch ends the accepted prefix.
 __global__ void accept_kernel(const int64_t* __restrict__ drafts, const int64_t* __restrict__ targets, int rows,
                               int32_t* cache_len, int32_t* out_count, int64_t* next_anchor) {
+  cuda_detail::allow_next_kernel_launch();
+  cuda_detail::wait_for_previous_kernels();
   const int lane = threadIdx.x;
   const int num_drafts = rows - 1;
   int accepted = num_drafts;
@@ -33,8 +36,8 @@ cudaError_t accept_cuda(const int64_t* drafts, const int64_t* targets, int64_t r
                         int32_t* out_count, int64_t* next_anchor, cudaStream_t stream) {
   if (rows < 1 || rows > kMaxBlockRows) return cudaErrorInvalidValue;
   if ((rows > 1 && !drafts) || !targets || !cache_len || !out_count || !next_anchor) return cudaErrorInvalidValue;
-  accept_kernel<<<1, 32, 0, stream>>>(drafts, targets, int(rows), cache_len, out_count, next_anchor);
-  return cudaGetLastError();
+  return cuda_detail::launch_kernel(accept_kernel, dim3(1), dim3(32), 0, stream, drafts, targets, int(rows),
+                                    cache_len, out_count, next_anchor);
 }
 
 }  // namespace orthrus

@@ -25,13 +25,13 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
   // and share it through L2.
   const dim3 grid((vectors + kAttentionVectorsPerCta - 1) / kAttentionVectorsPerCta, unsigned(kv_heads),
                   unsigned(params.num_chunks));
-  attention_chunk_kernel<T, kHeadDim><<<grid, kAttentionWarps * 32, kSmemBytes, stream>>>(params);
-  status = cudaGetLastError();
+  status = launch_kernel(attention_chunk_kernel<T, kHeadDim>, grid, dim3(kAttentionWarps * 32), kSmemBytes, stream,
+                         params);
   if (status != cudaSuccess) return status;
   const int items = params.rows * params.q_heads;
-  attention_merge_kernel<T, kHeadDim>
-      <<<(items + kAttentionMergeWarps - 1) / kAttentionMergeWarps, kAttentionMergeWarps * 32, 0, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(attention_merge_kernel<T, kHeadDim>,
+                       dim3((items + kAttentionMergeWarps - 1) / kAttentionMergeWarps), dim3(kAttentionMergeWarps * 32),
+                       0, stream, params);
 }
 
 template <typename T>

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "element.cuh"
+#include "launch.cuh"
 
 namespace orthrus::cuda_detail {
 
@@ -135,6 +136,8 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   extern __shared__ uint4 attention_smem[];
   T* const smem = reinterpret_cast<T*>(attention_smem);
 
+  allow_next_kernel_launch();
+  wait_for_previous_kernels();
   const int vector_tile = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int chunk = blockIdx.z;
@@ -344,6 +347,8 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_kernel(const AttentionParams p) {
   constexpr int kPerLane = kHeadDim / 32;
+  allow_next_kernel_launch();
+  wait_for_previous_kernels();
   const int lane = threadIdx.x % 32;
   const int item = blockIdx.x * kAttentionMergeWarps + threadIdx.x / 32;
   if (item >= p.rows * p.q_heads) return;

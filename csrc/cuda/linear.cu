@@ -16,19 +16,8 @@ cudaError_t launch_for_row_groups(const LinearParams& params, cudaStream_t strea
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
   const int tiles = (params.out_features + kLinearTileRows - 1) / kLinearTileRows;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(tiles) * unsigned(params.split));
-  config.blockDim = dim3(kLinearThreads);
-  config.dynamicSmemBytes = kSmemBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = unsigned(params.split);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, linear_rows_kernel<T, kRowGroups>, params);
+  return launch_clustered_kernel(linear_rows_kernel<T, kRowGroups>, dim3(unsigned(tiles) * unsigned(params.split)),
+                                 dim3(unsigned(params.split), 1, 1), dim3(kLinearThreads), kSmemBytes, stream, params);
 }
 
 template <typename T>

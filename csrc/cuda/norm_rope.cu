@@ -7,25 +7,23 @@ namespace {
 
 bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
-template <typename T>
-cudaError_t launch_rms_norm(const void* x, int64_t x_row_stride, const void* weight, void* y, int64_t rows,
-                            int64_t dim, float eps, cudaStream_t stream) {
+template <typename T, bool kAddDelta>
+cudaError_t launch_rms_norm(void* x, int64_t x_row_stride, const void* delta, const void* weight, void* y,
+                            int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
   using namespace cuda_detail;
   const bool vector_access = dim % kRmsNormVector == 0 && x_row_stride % kRmsNormVector == 0 && aligned_16(x) &&
-                             aligned_16(weight) && aligned_16(y);
-  rms_norm_kernel<T><<<unsigned(rows), kRmsNormThreads, 0, stream>>>(
-      static_cast<const T*>(x), x_row_stride, static_cast<const T*>(weight), static_cast<T*>(y), int(dim), eps,
-      vector_access);
-  return cudaGetLastError();
+                             aligned_16(weight) && aligned_16(y) && (!kAddDelta || aligned_16(delta));
+  return launch_kernel(rms_norm_kernel<T, kAddDelta>, dim3(unsigned(rows)), dim3(kRmsNormThreads), 0, stream,
+                       static_cast<T*>(x), x_row_stride, static_cast<const T*>(delta), static_cast<const T*>(weight),
+                       static_cast<T*>(y), int(dim), eps, vector_access);
 }
 
 template <typename T, int kHeadDim>
 cudaError_t launch_qk_norm_rope_store(const cuda_detail::QkNormRopeParams& params, cudaStream_t stream) {
   using namespace cuda_detail;
   const int items = params.rows * (params.q_heads + params.kv_heads);
-  qk_norm_rope_store_kernel<T, kHeadDim>
-      <<<(items + kQkNormWarps - 1) / kQkNormWarps, kQkNormWarps * 32, 0, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(qk_norm_rope_store_kernel<T, kHeadDim>, dim3((items + kQkNormWarps - 1) / kQkNormWarps),
+                       dim3(kQkNormWarps * 32), 0, stream, params);
 }
 
 template <typename T>
@@ -42,10 +40,23 @@ cudaError_t rms_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, cons
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
   if (rows < 1 || rows > 0x7fffffff || dim < 1 || dim > (1 << 24) || x_row_stride < dim) return cudaErrorInvalidValue;
   if (!x || !weight || !y) return cudaErrorInvalidValue;
+  // The kernel never writes x without kAddDelta.
+  void* const input = const_cast<void*>(x);
   if (dtype == DType::kBFloat16) {
-    return launch_rms_norm<__nv_bfloat16>(x, x_row_stride, weight, y, rows, dim, eps, stream);
+    return launch_rms_norm<__nv_bfloat16, false>(input, x_row_stride, nullptr, weight, y, rows, dim, eps, stream);
   }
-  return launch_rms_norm<__half>(x, x_row_stride, weight, y, rows, dim, eps, stream);
+  return launch_rms_norm<__half, false>(input, x_row_stride, nullptr, weight, y, rows, dim, eps, stream);
+}
+
+cudaError_t add_rms_norm_cuda(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
+                              int64_t dim, float eps, cudaStream_t stream) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (rows < 1 || rows > 0x7fffffff || dim < 1 || dim > (1 << 24)) return cudaErrorInvalidValue;
+  if (!x || !delta || !weight || !y) return cudaErrorInvalidValue;
+  if (dtype == DType::kBFloat16) {
+    return launch_rms_norm<__nv_bfloat16, true>(x, dim, delta, weight, y, rows, dim, eps, stream);
+  }
+  return launch_rms_norm<__half, true>(x, dim, delta, weight, y, rows, dim, eps, stream);
 }
 
 cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_stride, const void* k,

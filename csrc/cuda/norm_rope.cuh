@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "element.cuh"
+#include "launch.cuh"
 
 namespace orthrus::cuda_detail {
 
@@ -18,13 +19,33 @@ constexpr int kQkNormWarps = 4;
 // One CTA per row. Thread i owns groups of kRmsNormVector consecutive elements starting at group i and
 // striding by the CTA size; the 16-byte path and the element-wise path (unaligned rows, ragged tail)
 // visit the same elements in the same order, so the choice between them cannot change any bits.
-template <typename T>
+// kAddDelta: first x += delta in place (rounded to T, as an elementwise add would), then normalise that x:
+// the residual-stream update and the next norm in one pass over the row.
+template <typename T, bool kAddDelta>
 __global__ void __launch_bounds__(kRmsNormThreads)
-    rms_norm_kernel(const T* __restrict__ x, int64_t x_row_stride, const T* __restrict__ weight, T* __restrict__ y,
-                    int dim, float eps, bool vector_access) {
-  const T* const x_row = x + size_t(blockIdx.x) * x_row_stride;
+    rms_norm_kernel(T* x, int64_t x_row_stride, const T* __restrict__ delta, const T* __restrict__ weight,
+                    T* __restrict__ y, int dim, float eps, bool vector_access) {
+  allow_next_kernel_launch();
+  wait_for_previous_kernels();
+  T* const x_row = x + size_t(blockIdx.x) * x_row_stride;
   T* const y_row = y + size_t(blockIdx.x) * dim;
   const int groups = (dim + kRmsNormVector - 1) / kRmsNormVector;
+
+  auto store_group = [&](T* dst, int group, const float (&values)[kRmsNormVector]) {
+    const int first = group * kRmsNormVector;
+    if (vector_access) {
+      uint4 raw;
+      T* elements = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kRmsNormVector; ++i) elements[i] = from_float<T>(values[i]);
+      *reinterpret_cast<uint4*>(dst + first) = raw;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kRmsNormVector; ++i) {
+        if (first + i < dim) dst[first + i] = from_float<T>(values[i]);
+      }
+    }
+  };
 
   auto load_group = [&](const T* src, int group, float (&values)[kRmsNormVector]) {
     const int first = group * kRmsNormVector;
@@ -43,6 +64,13 @@ __global__ void __launch_bounds__(kRmsNormThreads)
   for (int group = threadIdx.x; group < groups; group += kRmsNormThreads) {
     float values[kRmsNormVector];
     load_group(x_row, group, values);
+    if constexpr (kAddDelta) {
+      float deltas[kRmsNormVector];
+      load_group(delta + size_t(blockIdx.x) * dim, group, deltas);
+#pragma unroll
+      for (int i = 0; i < kRmsNormVector; ++i) values[i] = to_float(from_float<T>(values[i] + deltas[i]));
+      store_group(x_row, group, values);
+    }
 #pragma unroll
     for (int i = 0; i < kRmsNormVector; ++i) sum_squares += values[i] * values[i];
   }
@@ -64,21 +92,11 @@ __global__ void __launch_bounds__(kRmsNormThreads)
   for (int group = threadIdx.x; group < groups; group += kRmsNormThreads) {
     float values[kRmsNormVector];
     float weights[kRmsNormVector];
-    load_group(x_row, group, values);
+    load_group(x_row, group, values);  // with kAddDelta: this thread's own (rounded) writes above
     load_group(weight, group, weights);
-    const int first = group * kRmsNormVector;
-    if (vector_access) {
-      uint4 raw;
-      T* elements = reinterpret_cast<T*>(&raw);
 #pragma unroll
-      for (int i = 0; i < kRmsNormVector; ++i) elements[i] = from_float<T>(values[i] * scale * weights[i]);
-      *reinterpret_cast<uint4*>(y_row + first) = raw;
-    } else {
-#pragma unroll
-      for (int i = 0; i < kRmsNormVector; ++i) {
-        if (first + i < dim) y_row[first + i] = from_float<T>(values[i] * scale * weights[i]);
-      }
-    }
+    for (int i = 0; i < kRmsNormVector; ++i) values[i] = values[i] * scale * weights[i];
+    store_group(y_row, group, values);
   }
 }
 
@@ -110,6 +128,8 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kQkNormWarps * 32) qk_norm_rope_store_kernel(const QkNormRopeParams p) {
   constexpr int kHalf = kHeadDim / 2;
   constexpr int kPairs = kHalf / 32;
+  allow_next_kernel_launch();
+  wait_for_previous_kernels();
   const int lane = threadIdx.x % 32;
   const int heads = p.q_heads + p.kv_heads;
   const int item = blockIdx.x * kQkNormWarps + threadIdx.x / 32;

@@ -207,17 +207,65 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
+// x is the residual stream, updated in place; returns the normalised rows.
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  const c10::Device device = checked_device(x, "x");
+  check_device(delta, "delta", device);
+  check_device(weight, "weight", device);
+  const DType dtype = kernel_dtype(x, "x");
+  check_dtype(delta, "delta", x.scalar_type());
+  check_dtype(weight, "weight", x.scalar_type());
+  check_dim(x, "x", 2);
+  check_dim(delta, "delta", 2);
+  check_dim(weight, "weight", 1);
+  const int64_t rows = x.size(0), dim = x.size(1);
+  check_rows(rows, "x", device);
+  TORCH_CHECK_VALUE(dim >= 1, "x must have at least one column");
+  check_size(delta, "delta", 0, rows, "x.shape[0]");
+  check_size(delta, "delta", 1, dim, "x.shape[1]");
+  check_size(weight, "weight", 0, dim, "x.shape[1]");
+  check_contiguous(x, "x");
+  check_contiguous(delta, "delta");
+  check_contiguous(weight, "weight");
+  TORCH_CHECK_VALUE(!x.is_same(delta), "delta must not be x itself");
+  check_finite(eps, "eps");
+  TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+
+  at::Tensor y = at::empty({rows, dim}, x.options());
+  if (device.is_cpu()) {
+    orthrus::add_rms_norm_cpu(dtype, x.data_ptr(), delta.data_ptr(), weight.data_ptr(), y.data_ptr(), rows, dim,
+                              static_cast<float>(eps));
+    return y;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::add_rms_norm_cuda(dtype, x.data_ptr(), delta.data_ptr(), weight.data_ptr(), y.data_ptr(), rows,
+                                        dim, static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
+             "add_rms_norm");
+#endif
+  return y;
+}
+
 at::Tensor silu_mul(const at::Tensor& gate_up) {
   const c10::Device device = checked_device(gate_up, "gate_up");
-  TORCH_CHECK_VALUE(device.is_cpu(), "silu_mul is a CPU kernel (on CUDA, torch's SwiGLU is row-invariant)");
   const DType dtype = kernel_dtype(gate_up, "gate_up");
   check_dim(gate_up, "gate_up", 2);
   const int64_t rows = gate_up.size(0), columns = gate_up.size(1);
+  check_rows(rows, "gate_up", device);
   TORCH_CHECK_VALUE(columns >= 2 && columns % 2 == 0, "gate_up must have an even, non-zero number of columns, got ",
                     columns);
   const int64_t row_stride = checked_row_stride(gate_up, "gate_up");
   at::Tensor y = at::empty({rows, columns / 2}, gate_up.options());
-  orthrus::silu_mul_cpu(dtype, gate_up.data_ptr(), row_stride, y.data_ptr(), rows, columns / 2);
+  if (device.is_cpu()) {
+    orthrus::silu_mul_cpu(dtype, gate_up.data_ptr(), row_stride, y.data_ptr(), rows, columns / 2);
+    return y;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::silu_mul_cuda(dtype, gate_up.data_ptr(), row_stride, y.data_ptr(), rows, columns / 2,
+                                    c10::cuda::getCurrentCUDAStream()),
+             "silu_mul");
+#endif
   return y;
 }
 
@@ -443,7 +491,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("weight"), release_gil);
   module.def("rms_norm", &rms_norm, "RMSNorm of each row of x", py::arg("x"), py::arg("weight"), py::arg("eps"),
              release_gil);
-  module.def("silu_mul", &silu_mul, "SwiGLU of [gate | up] rows on the CPU: silu(gate) * up", py::arg("gate_up"),
+  module.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of each row of x",
+             py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), release_gil);
+  module.def("silu_mul", &silu_mul, "SwiGLU of [gate | up] rows: silu(gate) * up", py::arg("gate_up"),
              release_gil);
   module.def("qk_norm_rope_store", &qk_norm_rope_store,
              "Per-head RMSNorm + RoPE of q and k; stores k and v at rows dst_start.. of k_dst / v_dst; returns q",

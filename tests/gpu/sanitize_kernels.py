@@ -36,6 +36,11 @@ def main():
         x = torch.randn(rows, 4096 + 8, device=device).to(dtype)[:, :4096]
         y = orthrus_ext.rms_norm(x, torch.randn(4096, device=device).to(dtype), 1e-6)
         assert torch.isfinite(y).all()
+        residual = x.contiguous()
+        y = orthrus_ext.add_rms_norm(residual, torch.randn_like(residual), torch.randn(4096, device=device).to(dtype),
+                                     1e-6)
+        assert torch.isfinite(y).all()
+        assert torch.isfinite(orthrus_ext.silu_mul(torch.randn(rows, 2 * 3000, device=device).to(dtype))).all()
 
         qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
         q = qkv[:, :q_heads * head_dim].view(rows, q_heads, head_dim)

@@ -39,6 +39,47 @@ def test_rms_norm(ext, dtype, dim):
     assert torch.equal(ext.rms_norm(x.contiguous(), weight, EPS), y)
 
 
+@pytest.mark.parametrize("dim", [1024, 2560, 4096, 5120, 1000, 24])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_rms_norm(ext, dtype, dim):
+    rows = random.randint(1, 64)
+    x = torch.randn(rows, dim, device="cuda").mul_(random.choice([0.1, 3.0])).to(dtype)
+    delta = torch.randn(rows, dim, device="cuda").to(dtype)
+    weight = torch.randn(dim, device="cuda").to(dtype)
+    residual = x.clone()
+    torch.empty(rows * dim // 2 + 1, device="cuda").fill_(float("nan"))  # poison the next allocation
+    y = ext.add_rms_norm(residual, delta, weight, EPS)
+    torch.cuda.synchronize()
+    # The residual update is an elementwise add rounded once; the norm sees the rounded sum.
+    assert torch.equal(residual, x + delta)
+    assert torch.isfinite(y).all()
+    assert relative_error(y, reference_rms_norm(residual, weight)) < TOLERANCE[dtype]
+    assert torch.equal(y, ext.rms_norm(residual, weight, EPS))
+    for m in random.sample(range(rows), min(rows, 8)):
+        one = x[m:m + 1].clone()
+        assert torch.equal(ext.add_rms_norm(one, delta[m:m + 1], weight, EPS)[0], y[m]), f"row {m} of {rows}"
+
+
+@pytest.mark.parametrize("features", [3072, 6144, 9728, 12288, 1000, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_mul(ext, dtype, features):
+    rows = random.randint(1, 64)
+    # A strided view, as the kernel may get it.
+    wide = torch.randn(rows, 2 * features + 8, device="cuda").mul_(3.0).to(dtype)
+    gate_up = wide[:, :2 * features]
+    torch.empty(rows * features // 2 + 1, device="cuda").fill_(float("nan"))
+    y = ext.silu_mul(gate_up)
+    torch.cuda.synchronize()
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    reference = gate * torch.sigmoid(gate) * up
+    assert torch.isfinite(y).all()
+    # One rounding of an fp32 result: within one unit in the last place of the reference.
+    ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert ((y.double() - reference).abs() <= ulp * reference.abs() + 1e-6).all()
+    for m in random.sample(range(rows), min(rows, 8)):
+        assert torch.equal(ext.silu_mul(gate_up[m:m + 1])[0], y[m]), f"row {m} of {rows}"
+
+
 def reference_rope(x, cos_sin):
     half = x.shape[-1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]

@@ -30,6 +30,8 @@ constexpr int kMaxBlockRows = 64;
 //   contiguous; y: [rows, out_features] contiguous. Row-invariant.
 // rms_norm: y[m] = x[m] / sqrt(mean(x[m]^2) + eps) * weight, fp32 math. x row stride x_row_stride,
 //   y contiguous. Row-invariant.
+// add_rms_norm: the residual-stream update and the following norm in one pass: x[m] += delta[m] in place
+//   (fp32 add, rounded to dtype), then y[m] = rms_norm(x[m]). x, delta, y: [rows, dim] contiguous.
 // qk_norm_rope_store: per-head RMSNorm of q and k (weights q_norm_weight / k_norm_weight, [head_dim]),
 //   then rotary embedding (rotate-half form, as Qwen3) at position positions_start[0] + m, using
 //   rope_cos_sin: float32 [max_positions, head_dim] whose first head_dim/2 columns are cos and last
@@ -60,6 +62,9 @@ void linear_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w,
 void rms_norm_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* weight, void* y,
                   int64_t rows, int64_t dim, float eps);
 
+void add_rms_norm_cpu(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
+                      int64_t dim, float eps);
+
 void qk_norm_rope_store_cpu(DType dtype, const void* q, int64_t q_row_stride, const void* k,
                             int64_t k_row_stride, const void* v, int64_t v_row_stride,
                             const void* q_norm_weight, const void* k_norm_weight, const float* rope_cos_sin,
@@ -73,9 +78,9 @@ void attention_cpu(DType dtype, const void* q, const void* k_cache, const void* 
                    float scale);
 
 // silu_mul: y[m, i] = silu(gate_up[m, i]) * gate_up[m, features + i] (SwiGLU; gate rows first), fp32 math,
-//   gate_up row stride gate_up_row_stride (elements), y [rows, features] contiguous. CPU only: torch's CPU
-//   elementwise kernels switch between vector and scalar code at size-dependent offsets, which can change
-//   an element's rounding with the row count; on CUDA every element already takes the same path.
+//   gate_up row stride gate_up_row_stride (elements), y [rows, features] contiguous. Every element is
+//   computed alone (torch's CPU elementwise kernels switch between vector and scalar code at size-dependent
+//   offsets, which can change an element's rounding with the row count).
 void silu_mul_cpu(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
                   int64_t features);
 
@@ -94,7 +99,10 @@ using CpuParallelFor = void (*)(int64_t count, int64_t grain, void* context, Cpu
 void set_cpu_parallel_for(CpuParallelFor parallel_for);
 
 #ifdef ORTHRUS_WITH_CUDA
-// Same contracts on the device; all pointers are device pointers. `workspace` (linear only) is scratch of
+// Same contracts on the device; all pointers are device pointers. Kernels are launched with programmatic
+// dependent launch: linear may start reading w before the previous kernel of the stream has finished, so
+// nothing in flight may write it; every other input is read only after all earlier work of the stream is
+// complete, as with plain launches. `workspace` (linear only) is scratch of
 // at least linear_cuda_workspace_bytes(...) bytes for split reductions.
 size_t linear_cuda_workspace_bytes(int64_t rows, int64_t out_features, int64_t in_features);
 
@@ -104,6 +112,12 @@ cudaError_t linear_cuda(DType dtype, const void* x, int64_t x_row_stride, const 
 
 cudaError_t rms_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* weight, void* y,
                           int64_t rows, int64_t dim, float eps, cudaStream_t stream);
+
+cudaError_t add_rms_norm_cuda(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
+                              int64_t dim, float eps, cudaStream_t stream);
+
+cudaError_t silu_mul_cuda(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
+                          int64_t features, cudaStream_t stream);
 
 cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_stride, const void* k,
                                     int64_t k_row_stride, const void* v, int64_t v_row_stride,
