@@ -78,12 +78,14 @@ class Qwen3:
 
         The AR view stores its keys and values at those positions; the diffusion view leaves the cache as
         it was."""
-        x = self.embed[tokens]
+        x = self.embed[tokens]  # the residual stream, updated in place by add_rms_norm
         eps = self.config.rms_norm_eps
-        for index, layer in enumerate(self.layers):
-            x = x + self.attention(ops.rms_norm(x, layer.input_norm, eps), index, cache, view)
-            x = x + self.mlp(ops.rms_norm(x, layer.post_attention_norm, eps), layer)
-        return ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        h = ops.rms_norm(x, self.layers[0].input_norm, eps)
+        for index, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
+            h = ops.add_rms_norm(x, self.attention(h, index, cache, view), layer.post_attention_norm, eps)
+            h = ops.add_rms_norm(x, self.mlp(h, layer), next_norm, eps)
+        return h
 
     def attention(self, h: torch.Tensor, index: int, cache: KVCache, view: str) -> torch.Tensor:
         config, rows = self.config, h.shape[0]

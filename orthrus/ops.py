@@ -48,18 +48,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of [gate | up] rows. On CUDA torch's elementwise kernels treat every element alike; on the CPU
-    their vector/scalar split moves with the tensor size, so decode blocks use the extension's kernel."""
-    if gate_up.device.type == "cpu" and gate_up.shape[0] <= MAX_BLOCK_ROWS:
-        return extension().silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """SwiGLU of [gate | up] rows."""
+    if gate_up.shape[0] > MAX_BLOCK_ROWS:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return extension().silu_mul(gate_up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.shape[0] > MAX_BLOCK_ROWS:
         return reference_rms_norm(x, weight, eps)
     return extension().rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (the residual stream), then RMSNorm of x."""
+    if x.shape[0] > MAX_BLOCK_ROWS:
+        x.add_(delta)
+        return reference_rms_norm(x, weight, eps)
+    return extension().add_rms_norm(x, delta, weight, eps)
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
