@@ -69,24 +69,28 @@ def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.T
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """float32 logits / temperature with everything outside top-k and the top-p nucleus set to -inf."""
     scores = logits.float() / params.temperature
-    if params.top_k and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+    top_k = params.top_k if 0 < params.top_k < scores.shape[-1] else 0
+    if top_k:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if params.top_p < 1.0:
         # One row at a time: a batched sort/cumsum may pick different reduction paths for different row
         # counts, and a single flipped bit at the nucleus edge would change the sampled token.
-        scores = torch.stack([_top_p_row(row, params.top_p) for row in scores])
+        scores = torch.stack([_top_p_row(row, params.top_p, top_k) for row in scores])
     return scores
 
 
-def _top_p_row(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_scores, order = torch.sort(scores, descending=True)
+def _top_p_row(scores: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """The nucleus: tokens in descending order while the mass strictly before them is under top_p (so the
+    first always stays), extended to every token tied with the last one kept."""
+    # After top-k only the k largest scores have probability > 0, so only they need sorting.
+    sorted_scores = torch.topk(scores, top_k).values if top_k else torch.sort(scores, descending=True).values
     probabilities = torch.softmax(sorted_scores, dim=-1)
     before = torch.cumsum(probabilities, dim=-1) - probabilities
-    # Keep a token while the mass strictly before it is under top_p; the first token always stays.
-    drop_sorted = before >= top_p
-    drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
+    kept = (before < top_p).sum(dim=-1, keepdim=True)
+    # Static shapes only (no boolean indexing): the step must stay capturable in a CUDA graph.
+    threshold = sorted_scores.gather(0, kept - 1)
+    return scores.masked_fill(scores < threshold, float("-inf"))
 
 
 def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
