@@ -9,53 +9,18 @@ keys once (the floor: every live key read once per layer) and is compared with a
 
 import argparse
 import math
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import orthrus_ext
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.timing import capture_graph, copy_bandwidth, graph_replay_ms  # noqa: E402
+
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 36
-
-
-def time_graph(graph, replays):
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)  # microseconds
-    return statistics.median(times)
-
-
-def capture(calls):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        calls()  # warm-up outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            calls()
-    torch.cuda.synchronize()
-    return graph
-
-
-def copy_bandwidth(warm_up_seconds=0.0):
-    """Device copy bandwidth (bytes read + written); with warm_up_seconds, first keeps the GPU busy that
-    long so that its clocks have ramped up before anything is timed (an idle H100 sits at a low clock)."""
-    source = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    target = torch.empty_like(source)
-    graph = capture(lambda: target.copy_(source))
-    start = time.perf_counter()
-    while time.perf_counter() - start < warm_up_seconds:
-        graph.replay()
-        torch.cuda.synchronize()
-    microseconds = time_graph(graph, 20)
-    return 2 * source.numel() / (microseconds * 1e-6) / 1e9
 
 
 def main():
@@ -74,7 +39,7 @@ def main():
         k_cache[layer].normal_()
         v_cache[layer].normal_()
     scale = 1.0 / math.sqrt(HEAD_DIM)
-    copy = copy_bandwidth(warm_up_seconds=2.0)
+    copy = copy_bandwidth(torch.device("cuda"), 1 << 30, 20, warm_up_seconds=2.0)["bytes_per_second"] / 1e9
     print(f"device {torch.cuda.get_device_name()}, device copy {copy:.0f} GB/s (read + write)")
     print(f"{'context':>8} {'rows':>4} {'mode':>13} {'us/layer':>9} {'GB/s':>7} {'of copy':>7}  "
           f"{'all passes us':>20}  {'torch sdpa us':>13}")
@@ -91,8 +56,8 @@ def main():
                         orthrus_ext.attention(q[layer], k_cache[layer], v_cache[layer], cache_len,
                                               None if causal else k_block, None if causal else v_block,
                                               causal, scale)
-                graph = capture(calls)
-                passes = [time_graph(graph, args.replays) / LAYERS for _ in range(args.passes)]
+                graph = capture_graph(calls)
+                passes = [graph_replay_ms(graph, args.replays) * 1e3 / LAYERS for _ in range(args.passes)]
                 per_layer = min(passes)
                 bandwidth = key_bytes / (per_layer * 1e-6) / 1e9
                 sdpa = ""
@@ -116,7 +81,7 @@ def sdpa_time(q, k_cache, v_cache, context, rows, scale, replays):
             F.scaled_dot_product_attention(queries[layer], keys[layer], values[layer], attn_mask=mask,
                                            scale=scale, enable_gqa=True)
     try:
-        return time_graph(capture(calls), replays) / LAYERS
+        return graph_replay_ms(capture_graph(calls), replays) * 1e3 / LAYERS
     except RuntimeError:
         return float("nan")
 

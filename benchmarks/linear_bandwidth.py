@@ -19,10 +19,14 @@ import datetime
 import json
 import math
 import os
-import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.timing import capture_graph, copy_bandwidth, graph_replay_ms  # noqa: E402
 
 QWEN3_SHAPES = {
     # name: (hidden, q_heads, kv_heads, head_dim, intermediate)
@@ -116,47 +120,11 @@ def load_linear():
     return _StandaloneLinear(path) if path else _ExtensionLinear()
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy, bytes read + written per second (median of 20)."""
-    source = torch.randn(1 << 28, device=device)  # 1 GiB
-    destination = torch.empty_like(source)
-    for _ in range(3):
-        destination.copy_(source)
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        destination.copy_(source)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * source.numel() * source.element_size() / statistics.median(times)
-
-
 def time_per_call(function, calls_per_graph: int = 20, replays: int = 15) -> float:
     """Seconds per call: `function(i)` captured calls_per_graph times in one CUDA graph (no launch gaps),
     median over replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(3):
-            function(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls_per_graph):
-            function(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls_per_graph)
-    return statistics.median(times)
+    graph = capture_graph(lambda: [function(i) for i in range(calls_per_graph)])
+    return graph_replay_ms(graph, replays) / 1e3 / calls_per_graph
 
 
 def cublas_row_invariance(x: torch.Tensor, weight: torch.Tensor) -> list[int]:
@@ -182,7 +150,7 @@ def main() -> None:
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     linear = load_linear()
-    copy = copy_bandwidth(device)
+    copy = copy_bandwidth(device, 1 << 30, 20)["bytes_per_second"]
     properties = torch.cuda.get_device_properties(device)
     print(f"device {properties.name}, {properties.multi_processor_count} SMs; torch {torch.__version__}; "
           f"copy bandwidth {copy / 1e12:.3f} TB/s (read + write)", flush=True)

@@ -59,15 +59,47 @@ class Budget:
         return False
 
 
-def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> dict:
+def capture_graph(calls) -> "torch.cuda.CUDAGraph":
+    """`calls()` captured in a CUDA graph, after one eager warm-up run (lazy initialisation must not be
+    captured) on the same side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        calls()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            calls()
+    torch.cuda.synchronize()
+    return graph
+
+
+def graph_replay_ms(graph: "torch.cuda.CUDAGraph", replays: int) -> float:
+    """Median milliseconds of one replay: launch gaps are those of a captured decode step."""
+    clock = Clock(torch.device("cuda"))
+    times = []
+    for _ in range(replays):
+        start = clock.mark()
+        graph.replay()
+        end = clock.mark()
+        clock.synchronize()
+        times.append(clock.ms(start, end))
+    return median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int, warm_up_seconds: float = 0.0) -> dict:
     """Median device-to-device copy rate, counting bytes read plus bytes written (the rate a decode pass,
-    which reads weights and writes almost nothing, can at best stream at)."""
+    which reads weights and writes almost nothing, can at best stream at). With warm_up_seconds the
+    device first copies that long, so that an idle GPU's clocks have ramped up before anything is timed."""
     clock = Clock(device)
     # Random bytes, not zeros: a copy of zeros can run faster than real data on some hardware.
     source = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=device)
     destination = torch.empty_like(source)
     for _ in range(3):
         destination.copy_(source)
+    warm_up_start = time.perf_counter()
+    while time.perf_counter() - warm_up_start < warm_up_seconds:
+        destination.copy_(source)
+        clock.synchronize()
     times = []
     for _ in range(repeats):
         start = clock.mark()
