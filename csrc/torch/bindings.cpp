@@ -174,8 +174,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  const c10::Device device = checked_device(x, "x");
+struct NormShape {
+  DType dtype;
+  int64_t rows;
+  int64_t dim;
+};
+
+// The checks both norms share: x [rows, dim] and weight [dim] alike, eps finite and non-negative.
+NormShape checked_norm_arguments(const at::Tensor& x, const at::Tensor& weight, double eps, c10::Device device) {
   check_device(weight, "weight", device);
   const DType dtype = kernel_dtype(x, "x");
   check_dtype(weight, "weight", x.scalar_type());
@@ -188,6 +194,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_contiguous(weight, "weight");
   check_finite(eps, "eps");
   TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+  return {dtype, rows, dim};
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, dim] = checked_norm_arguments(x, weight, eps, device);
   const int64_t x_row_stride = checked_row_stride(x, "x");
   check_cuda_alignment(x, "x", x_row_stride);
   check_cuda_alignment(weight, "weight", dim);
@@ -210,26 +222,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // x is the residual stream, updated in place; returns the normalised rows.
 at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
   const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, dim] = checked_norm_arguments(x, weight, eps, device);
   check_device(delta, "delta", device);
-  check_device(weight, "weight", device);
-  const DType dtype = kernel_dtype(x, "x");
   check_dtype(delta, "delta", x.scalar_type());
-  check_dtype(weight, "weight", x.scalar_type());
-  check_dim(x, "x", 2);
   check_dim(delta, "delta", 2);
-  check_dim(weight, "weight", 1);
-  const int64_t rows = x.size(0), dim = x.size(1);
-  check_rows(rows, "x", device);
-  TORCH_CHECK_VALUE(dim >= 1, "x must have at least one column");
   check_size(delta, "delta", 0, rows, "x.shape[0]");
   check_size(delta, "delta", 1, dim, "x.shape[1]");
-  check_size(weight, "weight", 0, dim, "x.shape[1]");
   check_contiguous(x, "x");
   check_contiguous(delta, "delta");
-  check_contiguous(weight, "weight");
   TORCH_CHECK_VALUE(!x.is_same(delta), "delta must not be x itself");
-  check_finite(eps, "eps");
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
 
   at::Tensor y = at::empty({rows, dim}, x.options());
   if (device.is_cpu()) {
