@@ -241,15 +241,18 @@ def masked_attention(q, k, v, mask, scale: float):
     return _compiled_flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
 
 
-def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, output_weight: torch.Tensor) -> torch.Tensor:
+def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, output_weight: torch.Tensor,
+              row_weights: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         teacher_log_probs = F.log_softmax(F.linear(teacher, output_weight).float(), dim=-1)
     student_log_probs = F.log_softmax(F.linear(student, output_weight).float(), dim=-1)
-    return (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum()
+    return (row_weights * (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)).sum()
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, output_weight: torch.Tensor) -> torch.Tensor:
-    """Mean forward KL(teacher || student) of the next-token distributions of matching rows [rows, hidden].
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, output_weight: torch.Tensor,
+                      row_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean forward KL(teacher || student) of the next-token distributions of matching rows
+    [rows, hidden]; row_weights [rows].
 
     Logits are made chunk by chunk and recomputed in the backward pass, so a 150k vocabulary never holds
     the logits of every row at once."""
@@ -257,12 +260,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, output_weigh
     chunk = max(1, LOSS_CHUNK_ELEMENTS // output_weight.shape[0])
     total = student.new_zeros((), dtype=torch.float32)
     for start in range(0, rows, chunk):
-        part = (student[start:start + chunk], teacher[start:start + chunk], output_weight)
+        part = (student[start:start + chunk], teacher[start:start + chunk], output_weight,
+                row_weights[start:start + chunk])
         if rows > chunk:
             total = total + torch.utils.checkpoint.checkpoint(_chunk_kl, *part, use_reentrant=False)
         else:
             total = total + _chunk_kl(*part)
-    return total / rows
+    return total / row_weights.sum()
 
 
 def sample_anchors(batch: int, seq_len: int, block_size: int, blocks: int, generator) -> torch.Tensor:
@@ -274,8 +278,9 @@ def sample_anchors(batch: int, seq_len: int, block_size: int, blocks: int, gener
 
 
 def diffusion_step_loss(model: TrainableQwen3, sequences: torch.Tensor, anchors: torch.Tensor, mask,
-                        block_size: int, mask_token_id: int) -> torch.Tensor:
-    """The loss of one micro-batch: AR teacher pass without gradients, diffusion pass through autograd."""
+                        block_size: int, mask_token_id: int, row_weights: torch.Tensor) -> torch.Tensor:
+    """The loss of one micro-batch: AR teacher pass without gradients, diffusion pass through autograd.
+    Row j of every block weighs row_weights[j] (a tensor, so that changing it recompiles nothing)."""
     batch, seq_len = sequences.shape
     offsets = torch.arange(block_size, device=sequences.device)
     positions = (anchors[:, :, None] + offsets).flatten(1)  # [batch, blocks * block_size]
@@ -286,7 +291,8 @@ def diffusion_step_loss(model: TrainableQwen3, sequences: torch.Tensor, anchors:
     block_tokens[:, ::block_size] = sequences.gather(1, anchors)
     student = model.diffusion_forward(block_tokens, positions, keys_values,
                                       lambda q, k, v: masked_attention(q, k, v, mask, model.scale))
-    return distillation_loss(student.flatten(0, 1), teacher.flatten(0, 1), model.output_weight)
+    return distillation_loss(student.flatten(0, 1), teacher.flatten(0, 1), model.output_weight,
+                             row_weights.repeat(positions.numel() // block_size))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -445,25 +451,43 @@ def sample_sequences(model: TrainableQwen3, prompts: torch.Tensor, length: int, 
     return out
 
 
-SELF_DISTILL_PROMPT_TOKENS = 16
+GENERATION_MEMORY_FRACTION = 8  # sampling's KV cache may take 1/8 of the free GPU memory
+GENERATION_CPU_BYTES = 1 << 30
 
 
-def self_distilled(model: TrainableQwen3, count: int, seq_len: int, temperature: float, eos: int | None,
-                   data_sequences: list[torch.Tensor], seed: int, batch: int, autocast: "Autocast",
+def generation_batch(model: TrainableQwen3, length: int, count: int, cache_dtype: torch.dtype) -> int:
+    """How many sequences to sample at once: a sampling step is one row per sequence, so its cost is
+    almost all per-kernel overhead, and the batch is as large as the KV cache's memory allows."""
+    config = model.config
+    per_sequence = (2 * config.num_hidden_layers * length * config.num_key_value_heads * config.head_dim
+                    * torch.empty((), dtype=cache_dtype).element_size())
+    device = model.embed.device
+    budget = (torch.cuda.mem_get_info(device)[0] // GENERATION_MEMORY_FRACTION if device.type == "cuda"
+              else GENERATION_CPU_BYTES)
+    return max(1, min(count, budget // per_sequence))
+
+
+def self_distilled(model: TrainableQwen3, count: int, seq_len: int, temperature: float, prompt_tokens: int,
+                   eos: int | None, prompt_stream: torch.Tensor | None, seed: int, autocast: "Autocast",
                    progress: bool) -> torch.Tensor:
-    """`count` sequences sampled from the base: each continues the first tokens of a data sequence when
-    there is data, else starts from the EOS token alone."""
+    """`count` sequences sampled from the base: each continues `prompt_tokens` tokens taken at a seeded
+    random place of `prompt_stream` when there is one, else the EOS token alone."""
     from tqdm import tqdm
 
-    if data_sequences:
-        data = torch.cat(data_sequences)
-        prompts = data[torch.arange(count) % data.shape[0], :SELF_DISTILL_PROMPT_TOKENS]
+    generator = torch.Generator().manual_seed(seed)
+    if prompt_stream is not None:
+        if prompt_stream.numel() < prompt_tokens:
+            raise OrthrusError(f"self-distillation prompts of {prompt_tokens} tokens: the prompt text holds only "
+                               f"{prompt_stream.numel()} tokens")
+        starts = torch.randint(0, prompt_stream.numel() - prompt_tokens + 1, (count,), generator=generator)
+        prompts = prompt_stream[starts[:, None] + torch.arange(prompt_tokens)]
     elif eos is not None:
         prompts = torch.full((count, 1), eos, dtype=torch.int64)
     else:
-        raise OrthrusError("--self-distill without --data starts from the EOS token, and the base defines none")
-    generator = torch.Generator().manual_seed(seed)
+        raise OrthrusError("--self-distill without --data or --self-distill-prompts starts from the EOS token, "
+                           "and the base defines none")
     device = model.embed.device
+    batch = generation_batch(model, seq_len, count, autocast.dtype or model.embed.dtype)
     pieces = []
     for start in tqdm(range(0, count, batch), desc="sampling from the base", disable=not progress):
         pieces.append(sample_sequences(model, prompts[start:start + batch].to(device), seq_len, temperature,
@@ -666,6 +690,7 @@ def _fingerprint(**options) -> dict:
 
 
 def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperature: float = 0.8,
+          self_distill_prompts=None, self_distill_prompt_tokens: int = 16, row_decay: float = 1.0,
           block_size: int = 32, mask_token_id: int | None = None, seq_len: int = 2048,
           blocks_per_sequence: int = 256, batch_size: int = 8, micro_batch_size: int | None = None,
           steps: int | None = None, epochs: float = 1.0, max_minutes: float | None = None,
@@ -689,6 +714,7 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
     for name, value, minimum in (("block_size", block_size, 2), ("seq_len", seq_len, 4),
                                  ("blocks_per_sequence", blocks_per_sequence, 1), ("batch_size", batch_size, 1),
                                  ("self_distill", self_distill, 0), ("eval_every", eval_every, 0),
+                                 ("self_distill_prompt_tokens", self_distill_prompt_tokens, 1),
                                  ("eval_new_tokens", eval_new_tokens, 1), ("save_every", save_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise OrthrusError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -699,6 +725,13 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
         raise OrthrusError(f"seq_len ({seq_len}) must exceed block_size ({block_size})")
     if not data and not self_distill:
         raise OrthrusError("no training data: pass --data PATH and/or --self-distill N")
+    if self_distill_prompts and not self_distill:
+        raise OrthrusError("--self-distill-prompts without --self-distill N: no sequences would be sampled")
+    if not self_distill_prompt_tokens < seq_len:
+        raise OrthrusError(f"self_distill_prompt_tokens ({self_distill_prompt_tokens}) must be below seq_len "
+                           f"({seq_len})")
+    if not 0 < row_decay <= 1:
+        raise OrthrusError(f"row_decay must be in (0, 1], got {row_decay}")
     if steps is not None and steps < 1:
         raise OrthrusError(f"steps must be >= 1, got {steps}")
     if max_minutes is not None and not max_minutes > 0:
@@ -716,6 +749,8 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
     compile = device.type == "cuda" if compile is None else compile
     out = Path(out).expanduser()
     data = [data] if isinstance(data, (str, os.PathLike)) else list(data or [])
+    self_distill_prompts = [self_distill_prompts] if isinstance(self_distill_prompts, (str, os.PathLike)) \
+        else list(self_distill_prompts or [])
 
     # ---- base model
     base_dir, raw_config, base_config, base_weights, tokenizer = read_base(base)
@@ -753,6 +788,7 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
     else:
         raise OrthrusError(f"eval_prompts must be a count >= 0 or a list of prompts, got {eval_prompts!r}")
     sequences = []
+    prompt_stream = None
     if data:
         stream = token_stream(read_documents(data), tokenizer, eos, seed)
         tail = held_out * EVAL_PROMPT_TOKENS
@@ -764,14 +800,17 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
             raise OrthrusError(f"--data holds {stream.numel()} tokens, fewer than one sequence of "
                                f"--seq-len {seq_len}")
         sequences.append(stream[:usable].view(-1, seq_len))
+        prompt_stream = stream
     if self_distill:
         distill_path = out / SELF_DISTILL_FILE
         if resume and distill_path.exists():
             sampled = torch.load(distill_path)
         else:
+            if self_distill_prompts:
+                prompt_stream = token_stream(read_documents(self_distill_prompts), tokenizer, eos, seed)
             sampled = self_distilled(model, self_distill + (held_out if not prompts else 0), seq_len,
-                                     self_distill_temperature, eos, sequences, seed, micro_batch_size, autocast,
-                                     progress)
+                                     self_distill_temperature, self_distill_prompt_tokens, eos, prompt_stream,
+                                     seed, autocast, progress)
             torch.save(sampled, distill_path)
         if not prompts and held_out:
             prompts = sampled[-held_out:, :EVAL_PROMPT_TOKENS].tolist()
@@ -788,6 +827,9 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
     fingerprint = _fingerprint(base=base_dir.resolve(), block_size=block_size, mask_token_id=mask_token_id,
                                seq_len=seq_len, blocks_per_sequence=blocks_per_sequence, batch_size=batch_size,
                                seed=seed, data=[str(Path(d).resolve()) for d in data], self_distill=self_distill,
+                               self_distill_temperature=self_distill_temperature,
+                               self_distill_prompts=[str(Path(d).resolve()) for d in self_distill_prompts],
+                               self_distill_prompt_tokens=self_distill_prompt_tokens, row_decay=row_decay,
                                lr=lr, warmup_steps=warmup_steps)
     step, elapsed_before = 0, 0.0
     budget = StepBudget(steps, max_minutes, started, calibrate=True)
@@ -818,6 +860,9 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
 
     evaluate = TauEvaluator(prompts, eval_new_tokens, device, dtype, log) if eval_every and prompts else None
     step_loss = CompiledStep(diffusion_step_loss, compile, log)
+    # A draft is accepted only when every row before it was right, so far rows, which a small model can
+    # hardly predict, may be weighed down (--row-decay) to keep them from dominating the gradient.
+    row_weights = row_decay ** torch.arange(block_size, device=device, dtype=torch.float32)
     accumulation = batch_size // micro_batch_size
     tokens_per_step = batch_size * seq_len
     log(f"{sequences.shape[0]} sequences of {seq_len} tokens, {blocks_per_sequence} blocks of {block_size} "
@@ -843,7 +888,7 @@ def train(base, out, *, data=None, self_distill: int = 0, self_distill_temperatu
                                      generator).to(device)
             mask = block_mask(anchors, seq_len, block_size)
             with autocast():
-                loss = step_loss(model, batch, anchors, mask, block_size, mask_token_id)
+                loss = step_loss(model, batch, anchors, mask, block_size, mask_token_id, row_weights)
             (loss / accumulation).backward()
             loss_sum += loss.detach()
         if grad_clip > 0:
@@ -917,7 +962,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", required=True, help="output directory: the Orthrus checkpoint and the resumable state")
     add("--data", nargs="+", action="extend", help="text files, directories or JSONL files (field 'text')")
     add("--self-distill", type=int, default=0, metavar="N", help="add N sequences sampled from the base")
-    add("--self-distill-temperature", type=float, default=0.8)
+    add("--self-distill-temperature", type=float, default=0.8, help="0: greedy")
+    add("--self-distill-prompts", nargs="+", action="extend", metavar="PATH",
+        help="text the sampled sequences start from (default: --data; files as for --data)")
+    add("--self-distill-prompt-tokens", type=int, default=16, metavar="N",
+        help="tokens of prompt text each sampled sequence continues")
+    add("--row-decay", type=float, default=1.0, metavar="G", help="block row j's loss weighs G**j (1: all equal)")
     add("--block-size", type=int, default=32, help="anchor + masks per block (default 32)")
     add("--mask-token-id", type=int, default=None,
         help="default: the base's mask_token_id, its tokenizer's <|mask|>, or the first id past the tokenizer")

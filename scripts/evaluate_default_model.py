@@ -41,7 +41,8 @@ def evaluate(model_path, prompts: list[str], device: str, max_new_tokens: int) -
     model = orthrus.load(model_path, device=device)
     for mode in MODES:  # warm-up: CUDA graphs, allocator, first-call costs
         model.generate(prompts[0], max_new_tokens=16, mode=mode)
-    per_mode = {mode: {"tokens": 0, "iterations": 0, "seconds": 0.0, "taus": []} for mode in MODES}
+    per_mode = {mode: {"tokens": 0, "iterations": 0, "seconds": 0.0, "taus": [], "histogram": {}}
+                for mode in MODES}
     exact = {"orthrus": 0, "ngram": 0}
     for prompt in prompts:
         outputs = {}
@@ -53,6 +54,8 @@ def evaluate(model_path, prompts: list[str], device: str, max_new_tokens: int) -
             entry["iterations"] += stats["iterations"]
             entry["seconds"] += stats["prefill_seconds"] + stats["decode_seconds"]
             entry["taus"].append(stats["tokens_per_iteration"])
+            for count, iterations in stats["accepted_histogram"].items():
+                entry["histogram"][count] = entry["histogram"].get(count, 0) + iterations
             outputs[mode] = result.tokens
         for mode in exact:
             exact[mode] += outputs[mode] == outputs["ar"]
@@ -65,6 +68,7 @@ def evaluate(model_path, prompts: list[str], device: str, max_new_tokens: int) -
             "tau_mean_over_prompts": sum(entry["taus"]) / len(entry["taus"]),
             "tau_pooled": entry["tokens"] / entry["iterations"] if entry["iterations"] else 0.0,
             "generated_tokens": entry["tokens"],
+            "iterations_by_tokens": {str(k): entry["histogram"][k] for k in sorted(entry["histogram"])},
             "identical_to_ar": len(prompts) if mode == "ar" else exact[mode]}
     return summary
 

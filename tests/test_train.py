@@ -148,6 +148,70 @@ def test_self_distillation_data(base, tmp_path):
     assert result.steps == 2
 
 
+def test_self_distillation_from_prompt_text(base, tmp_path, monkeypatch):
+    """--self-distill-prompts without --data: each sampled sequence is a window of the prompt text continued
+    greedily by the base; the batch size of sampling changes nothing."""
+    options = dict(SMALL, steps=1, self_distill=6, self_distill_temperature=0.0,
+                   self_distill_prompts=[str(base / "data.txt")], self_distill_prompt_tokens=12)
+    trainer.train(base, tmp_path / "big", **options)
+    monkeypatch.setattr(trainer, "GENERATION_CPU_BYTES", 1)  # one sequence at a time
+    trainer.train(base, tmp_path / "small", **options)
+    sampled = torch.load(tmp_path / "big" / trainer.SELF_DISTILL_FILE)
+    assert torch.equal(sampled, torch.load(tmp_path / "small" / trainer.SELF_DISTILL_FILE))
+    assert sampled.shape == (6, SMALL["seq_len"])
+
+    _, _, _, _, tokenizer = trainer.read_base(base)
+    stream = trainer.token_stream([(base / "data.txt").read_text()], tokenizer, 383, seed=0).tolist()
+    windows = {tuple(stream[i:i + 12]) for i in range(len(stream) - 11)}
+    assert all(tuple(row[:12]) in windows for row in sampled.tolist())
+    assert len({tuple(row[:12]) for row in sampled.tolist()}) > 1  # from different places of the text
+    engine()
+    model = orthrus.load(base, device="cpu")
+    for row in sampled.tolist():
+        assert model.generate(row[:12], max_new_tokens=52, mode="ar").tokens == row[12:]
+
+
+def test_row_decay_weighs_block_rows(base, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 16, generator=generator), torch.randn(6, 16, generator=generator)
+    weight = torch.randn(40, 16, generator=generator)
+    per_row = torch.stack([trainer.distillation_loss(student[i:i + 1], teacher[i:i + 1], weight, torch.ones(1))
+                           for i in range(6)])
+    assert torch.allclose(trainer.distillation_loss(student, teacher, weight, torch.ones(6)), per_row.mean())
+    decayed = 0.5 ** torch.arange(6.0)
+    assert torch.allclose(trainer.distillation_loss(student, teacher, weight, decayed),
+                          (decayed * per_row).sum() / decayed.sum())
+
+    # Training with a decay that all but ignores far rows fits the near rows better than uniform weights.
+    options = dict(SMALL, data=[str(base / "data.txt")], steps=30, lr=3e-3)
+    near = {}
+    for decay in (1.0, 0.05):
+        out = tmp_path / f"decay-{decay}"
+        trainer.train(base, out, row_decay=decay, **options)
+        near[decay] = row_kl(base, out)[0]
+    assert near[0.05] < near[1.0], near
+
+
+def row_kl(base, out) -> torch.Tensor:
+    """Mean KL of each block row, uniform weights, on fixed anchors of the training text."""
+    _, raw, config, weights, tokenizer = trainer.read_base(base)
+    orthrus_config = ModelConfig.from_dict(dict(raw, model_type="orthrus", block_size=BLOCK, mask_token_id=382))
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        weights = dict(weights, **{k: handle.get_tensor(k) for k in handle.keys() if "_diff" in k})
+    model = trainer.TrainableQwen3(orthrus_config, weights, with_diffusion=True)
+    model.reserve_positions(80)
+    sequences = trainer.token_stream([PHRASE * 20], tokenizer, None, seed=0)[:2 * 64].view(2, 64)
+    anchors = trainer.sample_anchors(2, 64, BLOCK, 8, torch.Generator().manual_seed(5))
+    mask = trainer.block_mask(anchors, 64, BLOCK)
+    kl = []
+    with torch.no_grad():
+        for row in range(BLOCK):
+            only = torch.zeros(BLOCK)
+            only[row] = 1.0
+            kl.append(trainer.diffusion_step_loss(model, sequences, anchors, mask, BLOCK, 382, only))
+    return torch.stack(kl)
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     code = cli.main(["train", *args])
     return code, capsys.readouterr().err.strip()
@@ -166,6 +230,12 @@ def test_bad_arguments_give_one_line_errors(base, tmp_path, capsys):
          "--mask-token-id 999"),
         (["--base", str(base), "--out", str(tmp_path / "o"), "--data", data, "--block-size", "100"],
          "seq_len"),
+        (["--base", str(base), "--out", str(tmp_path / "o"), "--data", data, "--row-decay", "1.5"],
+         "row_decay"),
+        (["--base", str(base), "--out", str(tmp_path / "o"), "--data", data, "--self-distill-prompts", data],
+         "--self-distill-prompts without --self-distill"),
+        (["--base", str(base), "--out", str(tmp_path / "o"), "--self-distill", "2",
+          "--self-distill-prompt-tokens", "64"], "self_distill_prompt_tokens"),
     ]
     orthrus_checkpoint = write_checkpoint(tmp_path / "already", orthrus=True)
     write_tokenizer(orthrus_checkpoint)
