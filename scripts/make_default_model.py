@@ -3,8 +3,9 @@
   base       byte-level BPE + a small Qwen3 trained from scratch on CPython's standard library
              (the .py files under sysconfig's stdlib, site-packages excluded; ~5% of the files, chosen by a
              hash of their relative path, are held out) -> WORK/base (HF Qwen3 checkpoint), WORK/prompts.json
-  diffusion  `orthrus.train.train` on WORK/base for each --block-sizes value -> WORK/orthrus-B and the
-             trained *_diff tensors alone, WORK/diffusion-B.safetensors (small enough to bring back)
+  diffusion  `orthrus.train.train` on WORK/base for each --block-sizes value, trained on the base's own greedy
+             continuations of prompts cut from the training files (the text it drafts at inference)
+             -> WORK/orthrus-B and the trained *_diff tensors alone, WORK/diffusion-B.safetensors
   assemble   WORK/base + WORK/diffusion-B.safetensors -> orthrus/default_model/ (bf16, shards < 15 MB)
              and benchmarks/default_model_prompts.json
 
@@ -286,7 +287,11 @@ def step_diffusion(args) -> None:
         out = work / f"orthrus-{block_size}"
         if out.exists():
             shutil.rmtree(out)
-        result = train(work / "base", out, data=[str(f) for f in train_files], block_size=block_size,
+        files = [str(f) for f in train_files]
+        result = train(work / "base", out, data=files if args.train_on_text else None,
+                       self_distill_prompts=None if args.train_on_text else files,
+                       self_distill_prompt_tokens=args.self_distill_prompt_tokens, row_decay=args.row_decay,
+                       block_size=block_size,
                        seq_len=args.seq_len, blocks_per_sequence=args.blocks_per_sequence,
                        batch_size=args.batch_size, steps=args.steps, epochs=args.epochs,
                        max_minutes=args.max_minutes, lr=args.lr, warmup_steps=args.warmup_steps,
@@ -306,7 +311,11 @@ def step_diffusion(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "seq_len": args.seq_len, "blocks_per_sequence": args.blocks_per_sequence,
-               "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "results": results}
+               "batch_size": args.batch_size, "epochs": args.epochs, "lr": args.lr,
+               "warmup_steps": args.warmup_steps, "seed": args.seed, "self_distill": args.self_distill, "train_on_text": args.train_on_text,
+               "self_distill_temperature": args.self_distill_temperature,
+               "self_distill_prompt_tokens": args.self_distill_prompt_tokens, "row_decay": args.row_decay,
+               "results": results}
     (work / "diffusion_training.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
@@ -352,32 +361,35 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (base), 16 (diffusion)")
-    parser.add_argument("--epochs", type=float, default=None, help="default 40 (base), 6 (diffusion)")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (base), 384 (diffusion)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (base), 64 (diffusion)")
+    parser.add_argument("--epochs", type=float, default=None, help="default 40 (base), 20 (diffusion)")
     parser.add_argument("--lr", type=float, default=None, help="default 3e-3 (base), 1e-3 (diffusion)")
-    parser.add_argument("--warmup-steps", type=int, default=None, help="default 100 (base), 5%% (diffusion)")
+    parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=64, help="held-out evaluation prompts to extract")
     # diffusion
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32])
-    parser.add_argument("--blocks-per-sequence", type=int, default=256)
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[16])
+    parser.add_argument("--blocks-per-sequence", type=int, default=64)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-prompts", type=int, default=8)
-    parser.add_argument("--self-distill", type=int, default=0, metavar="N",
-                        help="also train on N sequences sampled from the base (see orthrus train)")
+    parser.add_argument("--self-distill", type=int, default=49152, metavar="N",
+                        help="sequences the base continues from training-file prompts (see orthrus train)")
     parser.add_argument("--self-distill-temperature", type=float, default=0.0)
+    parser.add_argument("--self-distill-prompt-tokens", type=int, default=128)
+    parser.add_argument("--train-on-text", action="store_true",
+                        help="train on the training files' text too, not only on the base's continuations")
+    parser.add_argument("--row-decay", type=float, default=0.8, help="see orthrus train --row-decay")
     # assemble
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--out", default=str(PACKAGE_MODEL))
     parser.add_argument("--prompts-out", default=str(PROMPTS_FILE))
     args = parser.parse_args(argv)
     is_base = args.step == "base"
-    args.batch_size = args.batch_size or (32 if is_base else 16)
-    args.epochs = args.epochs or (40.0 if is_base else 6.0)
+    args.seq_len = args.seq_len or (2048 if is_base else 384)
+    args.batch_size = args.batch_size or (32 if is_base else 64)
+    args.epochs = args.epochs or (40.0 if is_base else 20.0)
     args.lr = args.lr or (3e-3 if is_base else 1e-3)
-    if is_base and args.warmup_steps is None:
-        args.warmup_steps = 100
     {"base": step_base, "diffusion": step_diffusion, "assemble": step_assemble}[args.step](args)
     return 0
 
