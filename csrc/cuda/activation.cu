@@ -27,6 +27,16 @@ __global__ void __launch_bounds__(kSiluMulThreads)
   }
 }
 
+template <typename T>
+cudaError_t launch_silu_mul(const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows, int64_t features,
+                            cudaStream_t stream) {
+  // Enough CTAs per row to keep every SM busy for one row; more rows reuse the same split.
+  const unsigned blocks_per_row = unsigned(std::min<int64_t>((features + kSiluMulThreads - 1) / kSiluMulThreads, 64));
+  return cuda_detail::launch_kernel(silu_mul_kernel<T>, dim3(blocks_per_row, unsigned(rows)), dim3(kSiluMulThreads), 0,
+                                    stream, static_cast<const T*>(gate_up), gate_up_row_stride, static_cast<T*>(y),
+                                    int(features));
+}
+
 }  // namespace
 
 cudaError_t silu_mul_cuda(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
@@ -36,17 +46,10 @@ cudaError_t silu_mul_cuda(DType dtype, const void* gate_up, int64_t gate_up_row_
     return cudaErrorInvalidValue;
   }
   if (!gate_up || !y) return cudaErrorInvalidValue;
-  // Enough CTAs per row to keep every SM busy for one row; more rows reuse the same split.
-  const unsigned blocks_per_row = unsigned(std::min<int64_t>((features + kSiluMulThreads - 1) / kSiluMulThreads, 64));
-  const dim3 grid(blocks_per_row, unsigned(rows));
   if (dtype == DType::kBFloat16) {
-    return cuda_detail::launch_kernel(silu_mul_kernel<__nv_bfloat16>, grid, dim3(kSiluMulThreads), 0, stream,
-                                      static_cast<const __nv_bfloat16*>(gate_up), gate_up_row_stride,
-                                      static_cast<__nv_bfloat16*>(y), int(features));
+    return launch_silu_mul<__nv_bfloat16>(gate_up, gate_up_row_stride, y, rows, features, stream);
   }
-  return cuda_detail::launch_kernel(silu_mul_kernel<__half>, grid, dim3(kSiluMulThreads), 0, stream,
-                                    static_cast<const __half*>(gate_up), gate_up_row_stride, static_cast<__half*>(y),
-                                    int(features));
+  return launch_silu_mul<__half>(gate_up, gate_up_row_stride, y, rows, features, stream);
 }
 
 }  // namespace orthrus
