@@ -28,10 +28,8 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
   status = launch_kernel(attention_chunk_kernel<T, kHeadDim>, grid, dim3(kAttentionWarps * 32), kSmemBytes, stream,
                          params);
   if (status != cudaSuccess) return status;
-  const int items = params.rows * params.q_heads;
-  return launch_kernel(attention_merge_kernel<T, kHeadDim>,
-                       dim3((items + kAttentionMergeWarps - 1) / kAttentionMergeWarps), dim3(kAttentionMergeWarps * 32),
-                       0, stream, params);
+  return launch_kernel(attention_merge_kernel<T, kHeadDim>, dim3(unsigned(params.rows * params.q_heads)),
+                       dim3(kAttentionMergeWarps * 32), 0, stream, params);
 }
 
 template <typename T>

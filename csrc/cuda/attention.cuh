@@ -4,8 +4,8 @@
 // one CTA takes one (chunk, kv head, tile of 64 query vectors), where a query vector is one (block row,
 // q head of that kv head's group), so every K/V tile it loads serves the whole GQA group and all block
 // rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with an online softmax over
-// 64-key tiles, then writes its unnormalised partial result. The merge kernel folds a row's chunks in
-// ascending order.
+// 64-key tiles, then writes its unnormalised partial result. The merge kernel folds a row's chunks in an
+// order fixed by the chunk indices alone.
 //
 // Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warp runs the
 // same instruction sequence whatever the number of live rows (missing rows are zero padding); tile and
@@ -30,7 +30,7 @@ constexpr int kAttentionWarps = 4;
 constexpr int kAttentionVectorsPerWarp = 16;
 constexpr int kAttentionVectorsPerCta = kAttentionWarps * kAttentionVectorsPerWarp;
 constexpr int kAttentionStages = 3;
-constexpr int kAttentionMergeWarps = 4;
+constexpr int kAttentionMergeWarps = 4;  // one CTA per (row, q head); warp w folds chunks w, w + 4, ...
 
 struct AttentionParams {
   const void* q;
@@ -343,40 +343,47 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   }
 }
 
-// One warp per (block row, q head): folds the row's chunks in ascending order and normalises.
+// One CTA per (block row, q head). Warp w folds the row's chunks w, w + 4, w + 8, ... in ascending order
+// against the row's overall max; the four warp sums are then added in warp order and normalised. The
+// order is fixed by chunk indices alone, so it is the same for every row count.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_kernel(const AttentionParams p) {
   constexpr int kPerLane = kHeadDim / 32;
   allow_next_kernel_launch();
   wait_for_previous_kernels();
+  const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int item = blockIdx.x * kAttentionMergeWarps + threadIdx.x / 32;
-  if (item >= p.rows * p.q_heads) return;
+  const int item = blockIdx.x;
   const int block_row = item / p.q_heads;
   const int cache_len = *p.cache_len;
-  const int last_chunk = (attention_key_limit(p, cache_len, block_row) - 1) / kAttentionChunkKeys;
-  T* const out = static_cast<T*>(p.out) + size_t(item) * kHeadDim + lane * kPerLane;
+  T* const out = static_cast<T*>(p.out) + size_t(item) * kHeadDim;
   if (cache_len < 0 || cache_len + p.rows > p.max_keys) {
     // The device-side length exceeds the capacity the launch was sized for (no host check is possible
     // without a sync): fail loudly with NaN rather than return attention over keys nobody computed.
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) out[i] = from_float<T>(NAN);
+    for (int i = threadIdx.x; i < kHeadDim; i += blockDim.x) out[i] = from_float<T>(NAN);
     return;
   }
+  const int last_chunk = (attention_key_limit(p, cache_len, block_row) - 1) / kAttentionChunkKeys;
   const float* const stats = p.partial_stats + size_t(item) * p.num_chunks * 2;
   const float* const acc = p.partial_acc + size_t(item) * p.num_chunks * kHeadDim + lane * kPerLane;
 
+  // The max is exact whatever the order of the comparisons.
+  __shared__ float warp_max[kAttentionMergeWarps];
   float max_all = -INFINITY;
-  for (int c = lane; c <= last_chunk; c += 32) max_all = fmaxf(max_all, stats[2 * c]);
+  for (int c = threadIdx.x; c <= last_chunk; c += kAttentionMergeWarps * 32) max_all = fmaxf(max_all, stats[2 * c]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
+  if (lane == 0) warp_max[warp] = max_all;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kAttentionMergeWarps; ++w) max_all = fmaxf(max_all, warp_max[w]);
 
   float sum = 0.f;
   float merged[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) merged[i] = 0.f;
 #pragma unroll 4
-  for (int c = 0; c <= last_chunk; ++c) {
+  for (int c = warp; c <= last_chunk; c += kAttentionMergeWarps) {
     const float2 chunk_stats = *reinterpret_cast<const float2*>(stats + 2 * c);
     const float weight = exp2f(chunk_stats.x - max_all);
     sum += weight * chunk_stats.y;
@@ -391,8 +398,24 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) merged[i] += weight * values[i];
   }
+
+  __shared__ float warp_merged[kAttentionMergeWarps][kHeadDim];
+  __shared__ float warp_sum[kAttentionMergeWarps];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) out[i] = from_float<T>(merged[i] / sum);
+  for (int i = 0; i < kPerLane; ++i) warp_merged[warp][lane * kPerLane + i] = merged[i];
+  if (lane == 0) warp_sum[warp] = sum;
+  __syncthreads();
+  if (warp != 0) return;
+  float total_sum = warp_sum[0];
+#pragma unroll
+  for (int w = 1; w < kAttentionMergeWarps; ++w) total_sum += warp_sum[w];
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    float total = warp_merged[0][lane * kPerLane + i];
+#pragma unroll
+    for (int w = 1; w < kAttentionMergeWarps; ++w) total += warp_merged[w][lane * kPerLane + i];
+    out[lane * kPerLane + i] = from_float<T>(total / total_sum);
+  }
 }
 
 }  // namespace orthrus::cuda_detail

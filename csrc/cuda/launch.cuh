@@ -11,6 +11,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+
 namespace orthrus::cuda_detail {
 
 __device__ __forceinline__ void allow_next_kernel_launch() {
@@ -19,14 +21,24 @@ __device__ __forceinline__ void allow_next_kernel_launch() {
 
 __device__ __forceinline__ void wait_for_previous_kernels() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
-// Launches `kernel` with PDL enabled, in clusters of `cluster` CTAs (a kernel that uses cluster APIs needs
-// a cluster launch even for clusters of one CTA).
+// ORTHRUS_PDL=0 in the environment launches every kernel plainly (griddepcontrol is then a no-op), so that
+// profilers report each kernel's own duration instead of one that includes its wait for the previous one.
+inline bool programmatic_launch_enabled() {
+  static const bool enabled = [] {
+    const char* setting = std::getenv("ORTHRUS_PDL");
+    return setting == nullptr || setting[0] != '0';
+  }();
+  return enabled;
+}
+
+// Launches `kernel` with PDL enabled (see programmatic_launch_enabled), in clusters of `cluster` CTAs (a
+// kernel that uses cluster APIs needs a cluster launch even for clusters of one CTA).
 template <typename... Params, typename... Args>
 cudaError_t launch_clustered_kernel(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3 block,
                                     size_t shared_bytes, cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attributes[2];
   attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
+  attributes[0].val.programmaticStreamSerializationAllowed = programmatic_launch_enabled() ? 1 : 0;
   attributes[1].id = cudaLaunchAttributeClusterDimension;
   attributes[1].val.clusterDim.x = cluster.x;
   attributes[1].val.clusterDim.y = cluster.y;
