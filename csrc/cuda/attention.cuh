@@ -136,7 +136,8 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   extern __shared__ uint4 attention_smem[];
   T* const smem = reinterpret_cast<T*>(attention_smem);
 
-  allow_next_kernel_launch();
+  // Launched after the previous kernel (attention.cu), so the merge kernel is not let in early; the wait
+  // is then a no-op, kept so the kernel stays correct under an early launch.
   wait_for_previous_kernels();
   const int vector_tile = blockIdx.x;
   const int kv_head = blockIdx.y;
@@ -349,7 +350,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_kernel(const AttentionParams p) {
   constexpr int kPerLane = kHeadDim / 32;
-  allow_next_kernel_launch();
+  allow_next_kernel_launch();  // the output projection may start streaming its weights
   wait_for_previous_kernels();
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
