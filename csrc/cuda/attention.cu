@@ -1,4 +1,5 @@
 // Launchers of the attention kernels (attention.cuh): argument checks, grid sizing, dtype dispatch.
+#include <algorithm>
 #include <cmath>
 
 #include "attention.cuh"
@@ -11,6 +12,21 @@ int64_t attention_num_chunks(int64_t max_keys) {
   return (max_keys + cuda_detail::kAttentionChunkKeys - 1) / cuda_detail::kAttentionChunkKeys;
 }
 
+int64_t attention_vector_tiles(int64_t rows, int64_t q_heads, int64_t kv_heads) {
+  return (rows * (q_heads / kv_heads) + cuda_detail::kAttentionVectorsPerCta - 1) / cuda_detail::kAttentionVectorsPerCta;
+}
+
+// The most live chunks for which whole chunks would give fewer CTAs than kAttentionWholeChunkMinCtas.
+int64_t attention_split_mode_max_chunks(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t max_keys) {
+  const int64_t ctas_per_chunk = kv_heads * attention_vector_tiles(rows, q_heads, kv_heads);
+  return std::min(attention_num_chunks(max_keys), (cuda_detail::kAttentionWholeChunkMinCtas - 1) / ctas_per_chunk);
+}
+
+int64_t attention_slots(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t max_keys) {
+  return attention_num_chunks(max_keys) +
+         attention_split_mode_max_chunks(rows, q_heads, kv_heads, max_keys) * cuda_detail::kAttentionSplitsPerChunk;
+}
+
 template <typename T, int kHeadDim>
 cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t kv_heads, cudaStream_t stream) {
   using namespace cuda_detail;
@@ -20,11 +36,10 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
   cudaError_t status = cudaFuncSetAttribute(attention_chunk_kernel<T, kHeadDim>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
-  const int vectors = params.rows * params.group;
-  // Vector tiles are the fastest grid dimension: the CTAs reading the same K/V chunk run side by side
-  // and share it through L2.
-  const dim3 grid((vectors + kAttentionVectorsPerCta - 1) / kAttentionVectorsPerCta, unsigned(kv_heads),
-                  unsigned(params.num_chunks));
+  // Vector tiles are the fastest grid dimension: the CTAs reading the same K/V range run side by side
+  // and share it through L2. The key ranges cover the capacity in whichever schedule needs more CTAs.
+  const dim3 grid(unsigned(attention_vector_tiles(params.rows, params.q_heads, kv_heads)), unsigned(kv_heads),
+                  unsigned(std::max(params.num_chunks, params.split_mode_max_chunks * kAttentionSplitsPerChunk)));
   // Both attention kernels start only once the previous kernel has finished. Launched early (PDL), their
   // CTAs and those of the kernels after them took SMs that the long-running chunk kernel still needed: on
   // an H100 (Qwen3-8B shape, 2026-11-22) AR at 32K context took 9.00 ms per token against 8.05 ms, at 1K
@@ -45,9 +60,10 @@ cudaError_t launch_attention_for_head_dim(const cuda_detail::AttentionParams& pa
 
 }  // namespace
 
-size_t attention_cuda_workspace_bytes(int64_t rows, int64_t q_heads, int64_t head_dim, int64_t max_keys) {
-  return size_t(rows) * size_t(q_heads) * size_t(attention_num_chunks(max_keys)) * size_t(head_dim + 2) *
-         sizeof(float);
+size_t attention_cuda_workspace_bytes(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                      int64_t max_keys) {
+  return size_t(rows) * size_t(q_heads) * size_t(attention_slots(rows, q_heads, kv_heads, max_keys)) *
+         size_t(head_dim + 2) * sizeof(float);
 }
 
 cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, const void* v_cache,
@@ -61,7 +77,7 @@ cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, cons
   if (max_keys < rows || max_keys > 0x7fffffff - kMaxBlockRows || attention_num_chunks(max_keys) > 65535) return cudaErrorInvalidValue;
   if (!q || !k_cache || !v_cache || !cache_len || !out || !workspace) return cudaErrorInvalidValue;
   if (!causal && (!k_block || !v_block)) return cudaErrorInvalidValue;
-  if (workspace_bytes < attention_cuda_workspace_bytes(rows, q_heads, head_dim, max_keys)) {
+  if (workspace_bytes < attention_cuda_workspace_bytes(rows, q_heads, kv_heads, head_dim, max_keys)) {
     return cudaErrorInvalidValue;
   }
   cuda_detail::AttentionParams params;
@@ -74,8 +90,15 @@ cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, cons
   params.out = out;
   params.num_chunks = int(attention_num_chunks(max_keys));
   params.max_keys = int(max_keys);
-  params.partial_acc = static_cast<float*>(workspace);
-  params.partial_stats = params.partial_acc + size_t(rows) * size_t(q_heads) * params.num_chunks * head_dim;
+  params.split_mode_max_chunks = int(attention_split_mode_max_chunks(rows, q_heads, kv_heads, max_keys));
+  // acc of every slot (chunks, then splits), then the stats of every slot.
+  const size_t items = size_t(rows) * size_t(q_heads);
+  const int slots = int(attention_slots(rows, q_heads, kv_heads, max_keys));
+  float* const acc = static_cast<float*>(workspace);
+  float* const stats = acc + items * slots * head_dim;
+  params.chunks = {acc, stats, params.num_chunks};
+  const int split_slots = slots - params.num_chunks;
+  params.splits = {acc + items * params.num_chunks * head_dim, stats + items * params.num_chunks * 2, split_slots};
   params.rows = int(rows);
   params.q_heads = int(q_heads);
   params.kv_heads = int(kv_heads);

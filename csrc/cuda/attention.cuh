@@ -1,17 +1,24 @@
 // Row-invariant block attention over an in-place KV cache (the contract is in orthrus/kernels.h).
 //
-// Two launches. The chunk kernel splits the keys into chunks of kChunkKeys at fixed absolute positions;
-// one CTA takes one (chunk, kv head, tile of 64 query vectors), where a query vector is one (block row,
-// q head of that kv head's group), so every K/V tile it loads serves the whole GQA group and all block
-// rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with an online softmax over
-// 64-key tiles, then writes its unnormalised partial result. The merge kernel folds a row's chunks in an
-// order fixed by the chunk indices alone.
+// Two launches. Keys are cut at fixed absolute positions into splits of kAttentionSplitKeys (the unit of
+// one online softmax) and chunks of kAttentionSplitsPerChunk splits (the unit of a partial result). A
+// chunk's state is the left fold of its splits' states with combine_states, starting from the empty state;
+// a row's output folds its chunks in an order fixed by the chunk indices alone.
+//
+// The chunk kernel gives one CTA a (tile of 64 query vectors, kv head, key range), where a query vector is
+// one (block row, q head of that kv head's group), so every K/V tile it loads serves the whole GQA group
+// and all block rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with an online
+// softmax over 64-key tiles. Its key range is either a whole chunk, whose splits it folds in registers, or,
+// when whole chunks would leave most SMs idle (short contexts), a single split whose state the merge kernel
+// folds. Both schedules compute the same operations on the same values, so the choice (made on the device
+// from the live length) never changes a bit.
 //
 // Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warp runs the
-// same instruction sequence whatever the number of live rows (missing rows are zero padding); tile and
-// chunk boundaries are absolute positions; a row folds exactly the chunks that hold keys it may see; a
-// tile the row may not see at all (present only because a later row of the block sees it) leaves the
-// row's state unchanged (its scores are -inf, so p == 0 and the rescale factor is exactly 1).
+// same instruction sequence whatever the number of live rows (missing rows are zero padding); tile, split
+// and chunk boundaries are absolute positions; a row folds exactly the chunks that hold keys it may see; a
+// split or tile the row may not see at all (present only because a later row of the block sees it) leaves
+// the row's state unchanged (its scores are -inf, so p == 0 and the rescale factor is exactly 1, and
+// folding an empty state is exact).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,13 +31,29 @@
 
 namespace orthrus::cuda_detail {
 
-constexpr int kAttentionChunkKeys = 512;
 constexpr int kAttentionTileKeys = 64;
+constexpr int kAttentionTilesPerSplit = 2;
+constexpr int kAttentionSplitKeys = kAttentionTileKeys * kAttentionTilesPerSplit;
+constexpr int kAttentionSplitsPerChunk = 8;
+constexpr int kAttentionChunkKeys = kAttentionSplitKeys * kAttentionSplitsPerChunk;
+// Whole chunks are the schedule while they give at least this many CTAs (about one per SM of an H100);
+// below it one CTA takes one split. Measured crossover on an H100, Qwen3-8B heads, µs per layer call:
+// 1 row, 8K keys: 23.2 split against 37.0 whole, 16K: 40.3 / 39.5, 32K: 69.0 / 56.0; 32 rows, 4K: 31.9
+// / 39.5, 8K: 58.7 / 53.9.
+constexpr int kAttentionWholeChunkMinCtas = 128;
 constexpr int kAttentionWarps = 4;
 constexpr int kAttentionVectorsPerWarp = 16;
 constexpr int kAttentionVectorsPerCta = kAttentionWarps * kAttentionVectorsPerWarp;
 constexpr int kAttentionStages = 3;
 constexpr int kAttentionMergeWarps = 4;  // one CTA per (row, q head); warp w folds chunks w, w + 4, ...
+
+// Partial results of one schedule: acc [rows, q_heads, slots, head_dim] (unnormalised), stats [rows,
+// q_heads, slots, 2] (running max in log2 units, sum of exponentials).
+struct AttentionPartials {
+  float* acc;
+  float* stats;
+  int slots;
+};
 
 struct AttentionParams {
   const void* q;
@@ -40,8 +63,9 @@ struct AttentionParams {
   const void* k_block;
   const void* v_block;
   void* out;
-  float* partial_acc;    // [rows, q_heads, num_chunks, head_dim]
-  float* partial_stats;  // [rows, q_heads, num_chunks, 2]: running max (log2 units), sum of exponentials
+  AttentionPartials chunks;  // one slot per chunk of the capacity
+  AttentionPartials splits;  // one slot per split of the first split_mode_max_chunks chunks
+  int split_mode_max_chunks;  // at most this many live chunks: one CTA per split
   int rows;
   int q_heads;
   int kv_heads;
@@ -51,6 +75,32 @@ struct AttentionParams {
   bool causal;
   float scale_log2;  // scale * log2(e): scores go through exp2
 };
+
+__device__ __forceinline__ bool attention_split_mode(const AttentionParams& p, int total_keys) {
+  return (total_keys + kAttentionChunkKeys - 1) / kAttentionChunkKeys <= p.split_mode_max_chunks;
+}
+
+// Weights that fold state b into state a (maxima in log2 units): new = a * weight_a + b * weight_b.
+// Exactly 1 for the state holding the larger max, so folding an empty state (-inf, 0, 0) is exact.
+struct FoldWeights {
+  float max;
+  float a;
+  float b;
+};
+
+__device__ __forceinline__ FoldWeights fold_weights(float max_a, float max_b) {
+  FoldWeights w;
+  w.max = fmaxf(max_a, max_b);
+  w.a = max_a == w.max ? 1.f : exp2f(max_a - w.max);
+  w.b = max_b == w.max ? 1.f : exp2f(max_b - w.max);
+  return w;
+}
+
+// Explicit roundings: the chunk kernel (registers) and the merge kernel (memory) must fold bit for bit
+// alike, so the compiler may not contract either into an FMA of its choosing.
+__device__ __forceinline__ float fold(float a, float weight_a, float b, float weight_b) {
+  return __fadd_rn(__fmul_rn(a, weight_a), __fmul_rn(b, weight_b));
+}
 
 // Padding each shared-memory row by 16 bytes puts the 8 rows of an ldmatrix 8x8 tile in distinct banks.
 template <int kHeadDim>
@@ -141,15 +191,19 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   wait_for_previous_kernels();
   const int vector_tile = blockIdx.x;
   const int kv_head = blockIdx.y;
-  const int chunk = blockIdx.z;
   const int cache_len = *p.cache_len;
   const int total_keys = cache_len + p.rows;
-  const int chunk_start = chunk * kAttentionChunkKeys;
-  // The grid covers the cache capacity; only chunks holding live keys do work (graph-capturable launch).
   // Past the capacity nothing is read: the merge kernel reports that case.
-  if (chunk_start >= total_keys || cache_len < 0 || total_keys > p.max_keys) return;
-  const int chunk_end = min(chunk_start + kAttentionChunkKeys, total_keys);
-  const int num_tiles = (chunk_end - chunk_start + kAttentionTileKeys - 1) / kAttentionTileKeys;
+  if (cache_len < 0 || total_keys > p.max_keys) return;
+  // The grid covers the capacity in both schedules; only CTAs holding live keys do work (a graph-capturable
+  // launch whose work follows the device-side length).
+  const bool split_mode = attention_split_mode(p, total_keys);
+  const int range_keys = split_mode ? kAttentionSplitKeys : kAttentionChunkKeys;
+  const int range = blockIdx.z;
+  const int range_start = range * range_keys;
+  if (range_start >= total_keys || (!split_mode && range >= p.num_chunks)) return;
+  const int range_end = min(range_start + range_keys, total_keys);
+  const int num_tiles = (range_end - range_start + kAttentionTileKeys - 1) / kAttentionTileKeys;
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -167,7 +221,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   auto load_tile = [&](int tile, int stage) {
     T* const k_stage = smem + stage * 2 * kTileElems;
     T* const v_stage = k_stage + kTileElems;
-    const int tile_start = chunk_start + tile * kAttentionTileKeys;
+    const int tile_start = range_start + tile * kAttentionTileKeys;
 #pragma unroll
     for (int i = threadIdx.x; i < kAttentionTileKeys * kSegmentsPerKey; i += kThreads) {
       const int key = i / kSegmentsPerKey;
@@ -218,12 +272,18 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
       q_frag[d][half + 2] = real ? q_row[d * 8 + 4 + lane_in_group] : 0u;
     }
   }
+  // Tiles below every row's limit need no mask (skipping it is exact: unmasked scores are kept as is).
+  const int warp_key_limit = __reduce_min_sync(0xffffffffu, min(key_limit[0], key_limit[1]));
 
+  // The folded state of the splits done so far, starting empty, and the state of the current split.
+  float folded_acc[kDTiles][4];
+  float folded_max[2] = {-INFINITY, -INFINITY};
+  float folded_sum[2] = {0.f, 0.f};
   float acc[kDTiles][4];
+  float running_max[2];
+  float running_sum[2];  // this lane's share; the quad's shares are added when the split ends
 #pragma unroll
-  for (int j = 0; j < kDTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  float running_max[2] = {-INFINITY, -INFINITY};
-  float running_sum[2] = {0.f, 0.f};  // this lane's share; the quad's shares are added at the end
+  for (int j = 0; j < kDTiles; ++j) folded_acc[j][0] = folded_acc[j][1] = folded_acc[j][2] = folded_acc[j][3] = 0.f;
 
   // Per-lane ldmatrix offsets (elements). Scores: matrices (keys 8j, d lo), (8j, d hi), (8j+8, lo),
   // (8j+8, hi) give the B fragments of n-tiles j and j+1. P V (transposed): (keys lo, d 8j), (keys hi,
@@ -243,7 +303,14 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
 
     const T* const k_stage = smem + (tile % kAttentionStages) * 2 * kTileElems;
     const T* const v_stage = k_stage + kTileElems;
-    const int tile_start = chunk_start + tile * kAttentionTileKeys;
+    const int tile_start = range_start + tile * kAttentionTileKeys;
+    const bool split_begins = tile % kAttentionTilesPerSplit == 0;
+    if (split_begins) {
+      running_max[0] = running_max[1] = -INFINITY;
+      running_sum[0] = running_sum[1] = 0.f;
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    }
 
     float score[kKeyTiles][4];
 #pragma unroll
@@ -262,12 +329,13 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
     }
 
     float tile_max[2] = {-INFINITY, -INFINITY};
+    const bool tile_visible_to_all = tile_start + kAttentionTileKeys <= warp_key_limit;
 #pragma unroll
     for (int j = 0; j < kKeyTiles; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = tile_start + j * 8 + 2 * lane_in_group + (e % 2);
-        const float s = key < key_limit[e / 2] ? score[j][e] * p.scale_log2 : -INFINITY;
+        const float s = tile_visible_to_all || key < key_limit[e / 2] ? score[j][e] * p.scale_log2 : -INFINITY;
         score[j][e] = s;
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s);
       }
@@ -301,12 +369,15 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) running_sum[half] = running_sum[half] * rescale[half] + tile_sum[half];
+    // A split's first tile starts from zeros, which any rescale leaves zero: skipping it is exact.
+    if (!split_begins) {
 #pragma unroll
-    for (int j = 0; j < kDTiles; ++j) {
-      acc[j][0] *= rescale[0];
-      acc[j][1] *= rescale[0];
-      acc[j][2] *= rescale[1];
-      acc[j][3] *= rescale[1];
+      for (int j = 0; j < kDTiles; ++j) {
+        acc[j][0] *= rescale[0];
+        acc[j][1] *= rescale[0];
+        acc[j][2] *= rescale[1];
+        acc[j][3] *= rescale[1];
+      }
     }
 #pragma unroll
     for (int k = 0; k < kKeySteps; ++k) {
@@ -319,34 +390,53 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
         mma_16x8x16<T>(acc[j + 1], p_frag[k], b[j / 2][2], b[j / 2][3]);
       }
     }
+
+    if (tile % kAttentionTilesPerSplit == kAttentionTilesPerSplit - 1 || tile == num_tiles - 1) {
+      FoldWeights weights[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        running_sum[half] += __shfl_xor_sync(0xffffffffu, running_sum[half], 1);
+        running_sum[half] += __shfl_xor_sync(0xffffffffu, running_sum[half], 2);
+        weights[half] = fold_weights(folded_max[half], running_max[half]);
+        folded_sum[half] = fold(folded_sum[half], weights[half].a, running_sum[half], weights[half].b);
+        folded_max[half] = weights[half].max;
+      }
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          folded_acc[j][e] = fold(folded_acc[j][e], weights[e / 2].a, acc[j][e], weights[e / 2].b);
+        }
+      }
+    }
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA retires
 
   if (!warp_has_rows) return;
+  const AttentionPartials& partials = split_mode ? p.splits : p.chunks;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    running_sum[half] += __shfl_xor_sync(0xffffffffu, running_sum[half], 1);
-    running_sum[half] += __shfl_xor_sync(0xffffffffu, running_sum[half], 2);
     const int vector = warp_first_vector + lane_group + 8 * half;
     if (vector >= vectors) continue;
     const int block_row = vector / p.group;
     const int q_head = kv_head * p.group + vector % p.group;
-    const size_t slot = (size_t(block_row) * p.q_heads + q_head) * p.num_chunks + chunk;
-    float* const acc_out = p.partial_acc + slot * kHeadDim;
+    const size_t slot = (size_t(block_row) * p.q_heads + q_head) * partials.slots + range;
+    float* const acc_out = partials.acc + slot * kHeadDim;
 #pragma unroll
     for (int j = 0; j < kDTiles; ++j) {
       *reinterpret_cast<float2*>(acc_out + j * 8 + 2 * lane_in_group) =
-          make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
+          make_float2(folded_acc[j][2 * half], folded_acc[j][2 * half + 1]);
     }
     if (lane_in_group == 0) {
-      *reinterpret_cast<float2*>(p.partial_stats + slot * 2) = make_float2(running_max[half], running_sum[half]);
+      *reinterpret_cast<float2*>(partials.stats + slot * 2) = make_float2(folded_max[half], folded_sum[half]);
     }
   }
 }
 
 // One CTA per (block row, q head). Warp w folds the row's chunks w, w + 4, w + 8, ... in ascending order
 // against the row's overall max; the four warp sums are then added in warp order and normalised. The
-// order is fixed by chunk indices alone, so it is the same for every row count.
+// order is fixed by chunk indices alone, so it is the same for every row count. Under the split schedule
+// a chunk's state is first folded here from its splits, as the chunk kernel folds them otherwise.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_kernel(const AttentionParams p) {
   constexpr int kPerLane = kHeadDim / 32;
@@ -364,14 +454,28 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
     for (int i = threadIdx.x; i < kHeadDim; i += blockDim.x) out[i] = from_float<T>(NAN);
     return;
   }
-  const int last_chunk = (attention_key_limit(p, cache_len, block_row) - 1) / kAttentionChunkKeys;
-  const float* const stats = p.partial_stats + size_t(item) * p.num_chunks * 2;
-  const float* const acc = p.partial_acc + size_t(item) * p.num_chunks * kHeadDim + lane * kPerLane;
+  const bool split_mode = attention_split_mode(p, cache_len + p.rows);
+  const AttentionPartials& partials = split_mode ? p.splits : p.chunks;
+  const int last_key = attention_key_limit(p, cache_len, block_row) - 1;
+  const int last_slot = last_key / (split_mode ? kAttentionSplitKeys : kAttentionChunkKeys);
+  const int last_chunk = last_key / kAttentionChunkKeys;
+  const float* const stats = partials.stats + size_t(item) * partials.slots * 2;
+  const float* const acc = partials.acc + size_t(item) * partials.slots * kHeadDim + lane * kPerLane;
 
-  // The max is exact whatever the order of the comparisons.
+  auto load_acc = [&](int slot, float (&values)[kPerLane]) {
+    if constexpr (kPerLane == 4) {
+      const float4 v = *reinterpret_cast<const float4*>(acc + size_t(slot) * kHeadDim);
+      values[0] = v.x, values[1] = v.y, values[2] = v.z, values[3] = v.w;
+    } else {
+      const float2 v = *reinterpret_cast<const float2*>(acc + size_t(slot) * kHeadDim);
+      values[0] = v.x, values[1] = v.y;
+    }
+  };
+
+  // The max is exact whatever the order of the comparisons (and whether over splits or chunks).
   __shared__ float warp_max[kAttentionMergeWarps];
   float max_all = -INFINITY;
-  for (int c = threadIdx.x; c <= last_chunk; c += kAttentionMergeWarps * 32) max_all = fmaxf(max_all, stats[2 * c]);
+  for (int c = threadIdx.x; c <= last_slot; c += kAttentionMergeWarps * 32) max_all = fmaxf(max_all, stats[2 * c]);
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
   if (lane == 0) warp_max[warp] = max_all;
@@ -385,17 +489,41 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
   for (int i = 0; i < kPerLane; ++i) merged[i] = 0.f;
 #pragma unroll 4
   for (int c = warp; c <= last_chunk; c += kAttentionMergeWarps) {
-    const float2 chunk_stats = *reinterpret_cast<const float2*>(stats + 2 * c);
-    const float weight = exp2f(chunk_stats.x - max_all);
-    sum += weight * chunk_stats.y;
+    float chunk_max;
+    float chunk_sum;
     float values[kPerLane];
-    if constexpr (kPerLane == 4) {
-      const float4 v = *reinterpret_cast<const float4*>(acc + size_t(c) * kHeadDim);
-      values[0] = v.x, values[1] = v.y, values[2] = v.z, values[3] = v.w;
+    if (split_mode) {
+      // All loads first, so that they are in flight together; then the fold, in split order.
+      const int first_split = c * kAttentionSplitsPerChunk;
+      float2 split_stats[kAttentionSplitsPerChunk];
+      float split_values[kAttentionSplitsPerChunk][kPerLane];
+#pragma unroll
+      for (int i = 0; i < kAttentionSplitsPerChunk; ++i) {
+        if (first_split + i > last_slot) break;
+        split_stats[i] = *reinterpret_cast<const float2*>(stats + 2 * (first_split + i));
+        load_acc(first_split + i, split_values[i]);
+      }
+      chunk_max = -INFINITY;
+      chunk_sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) values[j] = 0.f;
+#pragma unroll
+      for (int i = 0; i < kAttentionSplitsPerChunk; ++i) {
+        if (first_split + i > last_slot) break;
+        const FoldWeights weights = fold_weights(chunk_max, split_stats[i].x);
+        chunk_sum = fold(chunk_sum, weights.a, split_stats[i].y, weights.b);
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) values[j] = fold(values[j], weights.a, split_values[i][j], weights.b);
+        chunk_max = weights.max;
+      }
     } else {
-      const float2 v = *reinterpret_cast<const float2*>(acc + size_t(c) * kHeadDim);
-      values[0] = v.x, values[1] = v.y;
+      const float2 chunk_stats = *reinterpret_cast<const float2*>(stats + 2 * c);
+      chunk_max = chunk_stats.x;
+      chunk_sum = chunk_stats.y;
+      load_acc(c, values);
     }
+    const float weight = exp2f(chunk_max - max_all);
+    sum += weight * chunk_sum;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) merged[i] += weight * values[i];
   }

@@ -422,7 +422,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const c10::cuda::CUDAGuard guard(device);
   // The keys a row may see never exceed the cache plus (bidirectional) the block.
   const int64_t max_keys = causal ? cache_rows : cache_rows + rows;
-  const size_t workspace_bytes = orthrus::attention_cuda_workspace_bytes(rows, q_heads, head_dim, max_keys);
+  const size_t workspace_bytes = orthrus::attention_cuda_workspace_bytes(rows, q_heads, kv_heads, head_dim, max_keys);
   at::Tensor workspace = cuda_workspace(workspace_bytes, device);
   check_cuda(orthrus::attention_cuda(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                      cache_len.data_ptr<int32_t>(), k_block_data, v_block_data, out.data_ptr(),

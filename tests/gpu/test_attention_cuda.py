@@ -12,13 +12,23 @@ DTYPES = [torch.bfloat16, torch.float16]
 # (q_heads, kv_heads): Qwen3-8B, Qwen3-1.7B/4B-like, multi-head, and a wide group of 8.
 HEADS = [(32, 8), (16, 8), (8, 8), (16, 2)]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
-CHUNK = 512  # the kernel's fixed chunk of absolute key positions; contexts below straddle its edges
+CHUNK = 1024  # the kernel's fixed chunk of absolute key positions; contexts below straddle its edges
+SPLIT = 128  # the kernel's unit of one online softmax (an eighth of a chunk)
+# Below this many (chunk, kv head, 64-vector tile) CTAs the kernel gives each split its own CTA.
+WHOLE_CHUNK_MIN_CTAS = 128
+
+
+def split_schedule_limit(rows, q_heads, kv_heads):
+    """Keys up to which a call of `rows` rows takes the one-CTA-per-split schedule."""
+    vector_tiles = -(-rows * (q_heads // kv_heads) // 64)
+    return (WHOLE_CHUNK_MIN_CTAS - 1) // (kv_heads * vector_tiles) * CHUNK
 
 
 def random_context(limit=32768 - 64):
-    """Log-uniform over 0..32K with extra weight on chunk and tile edges."""
+    """Log-uniform over 0..32K with extra weight on chunk, split and tile edges."""
     if random.random() < 0.3:
-        return max(0, random.choice([1, 2, 63, 64]) + CHUNK * random.randint(0, 63) - random.randint(0, 2))
+        edge = random.choice([SPLIT, CHUNK]) * random.randint(0, 31)
+        return max(0, random.choice([1, 2, 63, 64]) + edge - random.randint(0, 2))
     return min(limit, int(math.exp(random.uniform(0, math.log(limit)))))
 
 
@@ -127,6 +137,20 @@ def test_causal_row_invariance_configurations(ext, dtype, head_dim, heads):
             check_causal_row_invariance(ext, dtype, head_dim, heads, rows, cache_len)
 
 
+@pytest.mark.parametrize("heads", [(32, 8), (16, 2)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_row_invariance_across_schedules(ext, dtype, heads):
+    """A block long enough for whole chunks against one-row calls that split them: the schedules fold the
+    same splits in the same order, so the bits must agree."""
+    rows = random.randint(17, 64)
+    block_limit, single_limit = split_schedule_limit(rows, *heads), split_schedule_limit(1, *heads)
+    if block_limit >= single_limit:
+        pytest.skip(f"{heads}: one schedule for 1 and {rows} rows")
+    for cache_len in (random.randint(block_limit, single_limit - rows), block_limit + random.randint(-rows, 0),
+                      single_limit - random.randint(0, rows)):
+        check_causal_row_invariance(ext, dtype, 128, heads, rows, cache_len)
+
+
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -179,7 +203,9 @@ def test_cache_length_past_capacity_is_nan(ext):
 
 def test_graph_replay_follows_device_length(ext):
     """The launch reads cache_len on the device: a captured graph replays at a new length."""
-    case = Case(torch.bfloat16, 128, 32, 8, 4, 100, causal=True, capacity=4096)
+    # Capacity past the split schedule's limit: the replays cross from one schedule to the other.
+    limit = split_schedule_limit(4, 32, 8)
+    case = Case(torch.bfloat16, 128, 32, 8, 4, 100, causal=True, capacity=limit + 2048)
     case.k_cache[:] = torch.randn_like(case.k_cache, dtype=torch.float32).to(torch.bfloat16)
     case.v_cache[:] = torch.randn_like(case.v_cache, dtype=torch.float32).to(torch.bfloat16)
     stream = torch.cuda.Stream()
@@ -188,7 +214,7 @@ def test_graph_replay_follows_device_length(ext):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=stream):
             out = ext.attention(case.q, case.k_cache, case.v_cache, case.length, None, None, True, case.scale)
-    for cache_len in (100, 2000, 4000):
+    for cache_len in (100, 2000, limit + 1024):
         case.length.fill_(cache_len)
         graph.replay()
         torch.cuda.synchronize()

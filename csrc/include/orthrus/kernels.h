@@ -128,8 +128,9 @@ cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_st
                                     cudaStream_t stream);
 
 // `max_keys` bounds cache_len[0] + rows (the cache capacity); it sizes the grid without a host read.
-// `workspace` holds the per-chunk partial results: attention_cuda_workspace_bytes(...) bytes.
-size_t attention_cuda_workspace_bytes(int64_t rows, int64_t q_heads, int64_t head_dim, int64_t max_keys);
+// `workspace` holds the partial results of key chunks and splits: attention_cuda_workspace_bytes(...) bytes.
+size_t attention_cuda_workspace_bytes(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                      int64_t max_keys);
 
 cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, const void* v_cache,
                            const int32_t* cache_len, const void* k_block, const void* v_block, void* out,
