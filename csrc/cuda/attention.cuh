@@ -80,6 +80,15 @@ __device__ __forceinline__ bool attention_split_mode(const AttentionParams& p, i
   return (total_keys + kAttentionChunkKeys - 1) / kAttentionChunkKeys <= p.split_mode_max_chunks;
 }
 
+// 2^x with denormal results flushed to zero. exp2f adds a fix-up for results below 2^-126 that costs a
+// compare, a multiply and a select per call (about 100 instructions per tile of the chunk kernel); such
+// weights are far below what a bf16/fp16 output or an fp32 sum of larger terms can resolve.
+__device__ __forceinline__ float exp2_flush(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Weights that fold state b into state a (maxima in log2 units): new = a * weight_a + b * weight_b.
 // Exactly 1 for the state holding the larger max, so folding an empty state (-inf, 0, 0) is exact.
 struct FoldWeights {
@@ -91,8 +100,8 @@ struct FoldWeights {
 __device__ __forceinline__ FoldWeights fold_weights(float max_a, float max_b) {
   FoldWeights w;
   w.max = fmaxf(max_a, max_b);
-  w.a = max_a == w.max ? 1.f : exp2f(max_a - w.max);
-  w.b = max_b == w.max ? 1.f : exp2f(max_b - w.max);
+  w.a = max_a == w.max ? 1.f : exp2_flush(max_a - w.max);
+  w.b = max_b == w.max ? 1.f : exp2_flush(max_b - w.max);
   return w;
 }
 
@@ -218,32 +227,47 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   const T* const k_block = static_cast<const T*>(p.k_block);
   const T* const v_block = static_cast<const T*>(p.v_block);
 
+  // A thread copies the same 16-byte segment of every kKeysPerPass-th key of a tile.
+  constexpr int kKeysPerPass = kThreads / kSegmentsPerKey;
+  static_assert(kThreads % kSegmentsPerKey == 0 && kAttentionTileKeys % kKeysPerPass == 0, "whole passes");
+  const int thread_key = threadIdx.x / kSegmentsPerKey;
+  const int thread_segment = threadIdx.x % kSegmentsPerKey;
+  const int key_stride = p.kv_heads * kHeadDim;  // elements between consecutive keys
+  const int head_offset = kv_head * kHeadDim + thread_segment * 8;
+  // Keys below this position are read from the cache: all live keys (causal), or the cached ones.
+  const int cached_end = p.causal ? total_keys : cache_len;
+
   auto load_tile = [&](int tile, int stage) {
-    T* const k_stage = smem + stage * 2 * kTileElems;
+    T* const k_stage = smem + stage * 2 * kTileElems + thread_key * kRow + thread_segment * 8;
     T* const v_stage = k_stage + kTileElems;
     const int tile_start = range_start + tile * kAttentionTileKeys;
+    if (tile_start + kAttentionTileKeys <= cached_end) {
+      // Every key of the tile is live and cached: plain strided copies (the common case; the general
+      // path's per-key address arithmetic cost more instructions than the MMAs).
+      const size_t offset = size_t(tile_start + thread_key) * key_stride + head_offset;
 #pragma unroll
-    for (int i = threadIdx.x; i < kAttentionTileKeys * kSegmentsPerKey; i += kThreads) {
-      const int key = i / kSegmentsPerKey;
-      const int segment = i % kSegmentsPerKey;
-      const int position = tile_start + key;
+      for (int pass = 0; pass < kAttentionTileKeys / kKeysPerPass; ++pass) {
+        const size_t pass_offset = offset + size_t(pass * kKeysPerPass * key_stride);
+        cp_async_16_or_zero(k_stage + pass * kKeysPerPass * kRow, k_cache + pass_offset, true);
+        cp_async_16_or_zero(v_stage + pass * kKeysPerPass * kRow, v_cache + pass_offset, true);
+      }
+      return;
+    }
+#pragma unroll
+    for (int pass = 0; pass < kAttentionTileKeys / kKeysPerPass; ++pass) {
+      const int position = tile_start + thread_key + pass * kKeysPerPass;
       const bool live = position < total_keys;
       // Keys past the live length are zero-filled so that stale cache bits (NaN, say) never enter P V.
       const T* k_src = k_cache;
       const T* v_src = v_cache;
       if (live) {
-        if (p.causal || position < cache_len) {
-          const size_t offset = (size_t(position) * p.kv_heads + kv_head) * kHeadDim + segment * 8;
-          k_src = k_cache + offset;
-          v_src = v_cache + offset;
-        } else {
-          const size_t offset = (size_t(position - cache_len) * p.kv_heads + kv_head) * kHeadDim + segment * 8;
-          k_src = k_block + offset;
-          v_src = v_block + offset;
-        }
+        const bool cached = position < cached_end;
+        const size_t offset = size_t(cached ? position : position - cache_len) * key_stride + head_offset;
+        k_src = (cached ? k_cache : k_block) + offset;
+        v_src = (cached ? v_cache : v_block) + offset;
       }
-      cp_async_16_or_zero(k_stage + key * kRow + segment * 8, k_src, live);
-      cp_async_16_or_zero(v_stage + key * kRow + segment * 8, v_src, live);
+      cp_async_16_or_zero(k_stage + pass * kKeysPerPass * kRow, k_src, live);
+      cp_async_16_or_zero(v_stage + pass * kKeysPerPass * kRow, v_src, live);
     }
   };
 
@@ -272,7 +296,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
       q_frag[d][half + 2] = real ? q_row[d * 8 + 4 + lane_in_group] : 0u;
     }
   }
-  // Tiles below every row's limit need no mask (skipping it is exact: unmasked scores are kept as is).
+  // Tiles below every row's limit need no mask.
   const int warp_key_limit = __reduce_min_sync(0xffffffffu, min(key_limit[0], key_limit[1]));
 
   // The folded state of the splits done so far, starting empty, and the state of the current split.
@@ -329,15 +353,25 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
     }
 
     float tile_max[2] = {-INFINITY, -INFINITY};
-    const bool tile_visible_to_all = tile_start + kAttentionTileKeys <= warp_key_limit;
+    if (tile_start + kAttentionTileKeys <= warp_key_limit) {
+      // Every row of the warp sees the whole tile: no mask (applying it would change nothing).
 #pragma unroll
-    for (int j = 0; j < kKeyTiles; ++j) {
+      for (int j = 0; j < kKeyTiles; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = tile_start + j * 8 + 2 * lane_in_group + (e % 2);
-        const float s = tile_visible_to_all || key < key_limit[e / 2] ? score[j][e] * p.scale_log2 : -INFINITY;
-        score[j][e] = s;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s);
+        for (int e = 0; e < 4; ++e) {
+          score[j][e] *= p.scale_log2;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kKeyTiles; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = tile_start + j * 8 + 2 * lane_in_group + (e % 2);
+          score[j][e] = key < key_limit[e / 2] ? score[j][e] * p.scale_log2 : -INFINITY;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], score[j][e]);
+        }
       }
     }
     float rescale[2];
@@ -348,7 +382,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
       tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
       const float new_max = fmaxf(running_max[half], tile_max[half]);
       // Exactly 1 when the max is unchanged (a tile the row may not see must leave its state alone).
-      rescale[half] = new_max == running_max[half] ? 1.f : exp2f(running_max[half] - new_max);
+      rescale[half] = new_max == running_max[half] ? 1.f : exp2_flush(running_max[half] - new_max);
       shift[half] = new_max == -INFINITY ? 0.f : new_max;  // no key seen yet: avoid -inf - -inf
       running_max[half] = new_max;
     }
@@ -357,10 +391,10 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
     uint32_t p_frag[kKeySteps][4];
 #pragma unroll
     for (int j = 0; j < kKeyTiles; ++j) {
-      float e0 = exp2f(score[j][0] - shift[0]);
-      float e1 = exp2f(score[j][1] - shift[0]);
-      float e2 = exp2f(score[j][2] - shift[1]);
-      float e3 = exp2f(score[j][3] - shift[1]);
+      float e0 = exp2_flush(score[j][0] - shift[0]);
+      float e1 = exp2_flush(score[j][1] - shift[0]);
+      float e2 = exp2_flush(score[j][2] - shift[1]);
+      float e3 = exp2_flush(score[j][3] - shift[1]);
       tile_sum[0] += e0 + e1;
       tile_sum[1] += e2 + e3;
       // C fragments of n-tiles 2k and 2k+1 are exactly the A fragment of k-step k.
@@ -522,7 +556,7 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
       chunk_sum = chunk_stats.y;
       load_acc(c, values);
     }
-    const float weight = exp2f(chunk_max - max_all);
+    const float weight = exp2_flush(chunk_max - max_all);
     sum += weight * chunk_sum;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) merged[i] += weight * values[i];
