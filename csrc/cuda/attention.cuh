@@ -106,9 +106,9 @@ __device__ __forceinline__ FoldWeights fold_weights(float max_a, float max_b) {
 }
 
 // Explicit roundings: the chunk kernel (registers) and the merge kernel (memory) must fold bit for bit
-// alike, so the compiler may not contract either into an FMA of its choosing.
+// alike, so the compiler may not contract or reorder either in a way of its choosing.
 __device__ __forceinline__ float fold(float a, float weight_a, float b, float weight_b) {
-  return __fadd_rn(__fmul_rn(a, weight_a), __fmul_rn(b, weight_b));
+  return __fmaf_rn(b, weight_b, __fmul_rn(a, weight_a));
 }
 
 // Padding each shared-memory row by 16 bytes puts the 8 rows of an ldmatrix 8x8 tile in distinct banks.
@@ -467,10 +467,10 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   }
 }
 
-// One CTA per (block row, q head). Warp w folds the row's chunks w, w + 4, w + 8, ... in ascending order
-// against the row's overall max; the four warp sums are then added in warp order and normalised. The
-// order is fixed by chunk indices alone, so it is the same for every row count. Under the split schedule
-// a chunk's state is first folded here from its splits, as the chunk kernel folds them otherwise.
+// One CTA per (block row, q head). Warp w folds the row's chunks w, w + 4, w + 8, ... in ascending order;
+// the four warp states are then folded in warp order and normalised. The order is fixed by chunk indices
+// alone, so it is the same for every row count. Under the split schedule a chunk's state is first folded
+// here from its splits, as the chunk kernel folds them otherwise.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_kernel(const AttentionParams p) {
   constexpr int kPerLane = kHeadDim / 32;
@@ -491,7 +491,7 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
   const bool split_mode = attention_split_mode(p, cache_len + p.rows);
   const AttentionPartials& partials = split_mode ? p.splits : p.chunks;
   const int last_key = attention_key_limit(p, cache_len, block_row) - 1;
-  const int last_slot = last_key / (split_mode ? kAttentionSplitKeys : kAttentionChunkKeys);
+  const int last_split = last_key / kAttentionSplitKeys;
   const int last_chunk = last_key / kAttentionChunkKeys;
   const float* const stats = partials.stats + size_t(item) * partials.slots * 2;
   const float* const acc = partials.acc + size_t(item) * partials.slots * kHeadDim + lane * kPerLane;
@@ -506,21 +506,12 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
     }
   };
 
-  // The max is exact whatever the order of the comparisons (and whether over splits or chunks).
-  __shared__ float warp_max[kAttentionMergeWarps];
-  float max_all = -INFINITY;
-  for (int c = threadIdx.x; c <= last_slot; c += kAttentionMergeWarps * 32) max_all = fmaxf(max_all, stats[2 * c]);
+  // This warp's chunks folded in ascending order, starting from the empty state.
+  float folded_max = -INFINITY;
+  float folded_sum = 0.f;
+  float folded[kPerLane];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) max_all = fmaxf(max_all, __shfl_xor_sync(0xffffffffu, max_all, offset));
-  if (lane == 0) warp_max[warp] = max_all;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kAttentionMergeWarps; ++w) max_all = fmaxf(max_all, warp_max[w]);
-
-  float sum = 0.f;
-  float merged[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) merged[i] = 0.f;
+  for (int i = 0; i < kPerLane; ++i) folded[i] = 0.f;
 #pragma unroll 4
   for (int c = warp; c <= last_chunk; c += kAttentionMergeWarps) {
     float chunk_max;
@@ -533,7 +524,7 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
       float split_values[kAttentionSplitsPerChunk][kPerLane];
 #pragma unroll
       for (int i = 0; i < kAttentionSplitsPerChunk; ++i) {
-        if (first_split + i > last_slot) break;
+        if (first_split + i > last_split) break;
         split_stats[i] = *reinterpret_cast<const float2*>(stats + 2 * (first_split + i));
         load_acc(first_split + i, split_values[i]);
       }
@@ -543,7 +534,7 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
       for (int j = 0; j < kPerLane; ++j) values[j] = 0.f;
 #pragma unroll
       for (int i = 0; i < kAttentionSplitsPerChunk; ++i) {
-        if (first_split + i > last_slot) break;
+        if (first_split + i > last_split) break;
         const FoldWeights weights = fold_weights(chunk_max, split_stats[i].x);
         chunk_sum = fold(chunk_sum, weights.a, split_stats[i].y, weights.b);
 #pragma unroll
@@ -556,29 +547,31 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
       chunk_sum = chunk_stats.y;
       load_acc(c, values);
     }
-    const float weight = exp2_flush(chunk_max - max_all);
-    sum += weight * chunk_sum;
+    const FoldWeights weights = fold_weights(folded_max, chunk_max);
+    folded_sum = fold(folded_sum, weights.a, chunk_sum, weights.b);
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) merged[i] += weight * values[i];
+    for (int i = 0; i < kPerLane; ++i) folded[i] = fold(folded[i], weights.a, values[i], weights.b);
+    folded_max = weights.max;
   }
 
-  __shared__ float warp_merged[kAttentionMergeWarps][kHeadDim];
-  __shared__ float warp_sum[kAttentionMergeWarps];
+  // The warps' states folded in warp order (a warp without chunks holds the empty state).
+  __shared__ float warp_values[kAttentionMergeWarps][kHeadDim];
+  __shared__ float2 warp_stats[kAttentionMergeWarps];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) warp_merged[warp][lane * kPerLane + i] = merged[i];
-  if (lane == 0) warp_sum[warp] = sum;
+  for (int i = 0; i < kPerLane; ++i) warp_values[warp][lane * kPerLane + i] = folded[i];
+  if (lane == 0) warp_stats[warp] = make_float2(folded_max, folded_sum);
   __syncthreads();
   if (warp != 0) return;
-  float total_sum = warp_sum[0];
 #pragma unroll
-  for (int w = 1; w < kAttentionMergeWarps; ++w) total_sum += warp_sum[w];
+  for (int w = 1; w < kAttentionMergeWarps; ++w) {
+    const FoldWeights weights = fold_weights(folded_max, warp_stats[w].x);
+    folded_sum = fold(folded_sum, weights.a, warp_stats[w].y, weights.b);
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    float total = warp_merged[0][lane * kPerLane + i];
-#pragma unroll
-    for (int w = 1; w < kAttentionMergeWarps; ++w) total += warp_merged[w][lane * kPerLane + i];
-    out[lane * kPerLane + i] = from_float<T>(total / total_sum);
+    for (int i = 0; i < kPerLane; ++i) folded[i] = fold(folded[i], weights.a, warp_values[w][lane * kPerLane + i], weights.b);
+    folded_max = weights.max;
   }
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) out[lane * kPerLane + i] = from_float<T>(folded[i] / folded_sum);
 }
 
 }  // namespace orthrus::cuda_detail
