@@ -93,11 +93,10 @@ cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, cons
   params.split_mode_max_chunks = int(attention_split_mode_max_chunks(rows, q_heads, kv_heads, max_keys));
   // acc of every slot (chunks, then splits), then the stats of every slot.
   const size_t items = size_t(rows) * size_t(q_heads);
-  const int slots = int(attention_slots(rows, q_heads, kv_heads, max_keys));
+  const int split_slots = params.split_mode_max_chunks * cuda_detail::kAttentionSplitsPerChunk;
   float* const acc = static_cast<float*>(workspace);
-  float* const stats = acc + items * slots * head_dim;
+  float* const stats = acc + items * (params.num_chunks + split_slots) * head_dim;
   params.chunks = {acc, stats, params.num_chunks};
-  const int split_slots = slots - params.num_chunks;
   params.splits = {acc + items * params.num_chunks * head_dim, stats + items * params.num_chunks * 2, split_slots};
   params.rows = int(rows);
   params.q_heads = int(q_heads);

@@ -2,7 +2,7 @@
 //
 // Two launches. Keys are cut at fixed absolute positions into splits of kAttentionSplitKeys (the unit of
 // one online softmax) and chunks of kAttentionSplitsPerChunk splits (the unit of a partial result). A
-// chunk's state is the left fold of its splits' states with combine_states, starting from the empty state;
+// chunk's state is the left fold of its splits' states (fold_weights, fold), starting from the empty state;
 // a row's output folds its chunks in an order fixed by the chunk indices alone.
 //
 // The chunk kernel gives one CTA a (tile of 64 query vectors, kv head, key range), where a query vector is
@@ -110,6 +110,23 @@ __device__ __forceinline__ FoldWeights fold_weights(float max_a, float max_b) {
 __device__ __forceinline__ float fold(float a, float weight_a, float b, float weight_b) {
   return __fmaf_rn(b, weight_b, __fmul_rn(a, weight_a));
 }
+
+// A softmax state (max in log2 units, sum of exponentials, unnormalised values) that other states are
+// folded into, one after another.
+template <int kValues>
+struct FoldedState {
+  float max = -INFINITY;
+  float sum = 0.f;
+  float values[kValues] = {};
+
+  __device__ __forceinline__ void fold_in(float other_max, float other_sum, const float (&other_values)[kValues]) {
+    const FoldWeights weights = fold_weights(max, other_max);
+    sum = fold(sum, weights.a, other_sum, weights.b);
+#pragma unroll
+    for (int i = 0; i < kValues; ++i) values[i] = fold(values[i], weights.a, other_values[i], weights.b);
+    max = weights.max;
+  }
+};
 
 // Padding each shared-memory row by 16 bytes puts the 8 rows of an ldmatrix 8x8 tile in distinct banks.
 template <int kHeadDim>
@@ -507,16 +524,9 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
   };
 
   // This warp's chunks folded in ascending order, starting from the empty state.
-  float folded_max = -INFINITY;
-  float folded_sum = 0.f;
-  float folded[kPerLane];
-#pragma unroll
-  for (int i = 0; i < kPerLane; ++i) folded[i] = 0.f;
+  FoldedState<kPerLane> folded;
 #pragma unroll 4
   for (int c = warp; c <= last_chunk; c += kAttentionMergeWarps) {
-    float chunk_max;
-    float chunk_sum;
-    float values[kPerLane];
     if (split_mode) {
       // All loads first, so that they are in flight together; then the fold, in split order.
       const int first_split = c * kAttentionSplitsPerChunk;
@@ -528,50 +538,38 @@ __global__ void __launch_bounds__(kAttentionMergeWarps * 32) attention_merge_ker
         split_stats[i] = *reinterpret_cast<const float2*>(stats + 2 * (first_split + i));
         load_acc(first_split + i, split_values[i]);
       }
-      chunk_max = -INFINITY;
-      chunk_sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) values[j] = 0.f;
+      FoldedState<kPerLane> chunk;
 #pragma unroll
       for (int i = 0; i < kAttentionSplitsPerChunk; ++i) {
         if (first_split + i > last_split) break;
-        const FoldWeights weights = fold_weights(chunk_max, split_stats[i].x);
-        chunk_sum = fold(chunk_sum, weights.a, split_stats[i].y, weights.b);
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) values[j] = fold(values[j], weights.a, split_values[i][j], weights.b);
-        chunk_max = weights.max;
+        chunk.fold_in(split_stats[i].x, split_stats[i].y, split_values[i]);
       }
+      folded.fold_in(chunk.max, chunk.sum, chunk.values);
     } else {
       const float2 chunk_stats = *reinterpret_cast<const float2*>(stats + 2 * c);
-      chunk_max = chunk_stats.x;
-      chunk_sum = chunk_stats.y;
+      float values[kPerLane];
       load_acc(c, values);
+      folded.fold_in(chunk_stats.x, chunk_stats.y, values);
     }
-    const FoldWeights weights = fold_weights(folded_max, chunk_max);
-    folded_sum = fold(folded_sum, weights.a, chunk_sum, weights.b);
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) folded[i] = fold(folded[i], weights.a, values[i], weights.b);
-    folded_max = weights.max;
   }
 
   // The warps' states folded in warp order (a warp without chunks holds the empty state).
   __shared__ float warp_values[kAttentionMergeWarps][kHeadDim];
   __shared__ float2 warp_stats[kAttentionMergeWarps];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) warp_values[warp][lane * kPerLane + i] = folded[i];
-  if (lane == 0) warp_stats[warp] = make_float2(folded_max, folded_sum);
+  for (int i = 0; i < kPerLane; ++i) warp_values[warp][lane * kPerLane + i] = folded.values[i];
+  if (lane == 0) warp_stats[warp] = make_float2(folded.max, folded.sum);
   __syncthreads();
   if (warp != 0) return;
 #pragma unroll
   for (int w = 1; w < kAttentionMergeWarps; ++w) {
-    const FoldWeights weights = fold_weights(folded_max, warp_stats[w].x);
-    folded_sum = fold(folded_sum, weights.a, warp_stats[w].y, weights.b);
+    float values[kPerLane];
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) folded[i] = fold(folded[i], weights.a, warp_values[w][lane * kPerLane + i], weights.b);
-    folded_max = weights.max;
+    for (int i = 0; i < kPerLane; ++i) values[i] = warp_values[w][lane * kPerLane + i];
+    folded.fold_in(warp_stats[w].x, warp_stats[w].y, values);
   }
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) out[lane * kPerLane + i] = from_float<T>(folded[i] / folded_sum);
+  for (int i = 0; i < kPerLane; ++i) out[lane * kPerLane + i] = from_float<T>(folded.values[i] / folded.sum);
 }
 
 }  // namespace orthrus::cuda_detail
