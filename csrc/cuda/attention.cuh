@@ -5,7 +5,7 @@
 // chunk's state is the left fold of its splits' states (fold_weights, fold), starting from the empty state;
 // a row's output folds its chunks in an order fixed by the chunk indices alone.
 //
-// The chunk kernel gives one CTA a (tile of 64 query vectors, kv head, key range), where a query vector is
+// The chunk kernel gives one CTA a (tile of 64 or 128 query vectors, kv head, key range), where a query vector is
 // one (block row, q head of that kv head's group), so every K/V tile it loads serves the whole GQA group
 // and all block rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with an online
 // softmax over 64-key tiles. Its key range is either a whole chunk, whose splits it folds in registers, or,
@@ -36,14 +36,17 @@ constexpr int kAttentionTilesPerSplit = 2;
 constexpr int kAttentionSplitKeys = kAttentionTileKeys * kAttentionTilesPerSplit;
 constexpr int kAttentionSplitsPerChunk = 8;
 constexpr int kAttentionChunkKeys = kAttentionSplitKeys * kAttentionSplitsPerChunk;
-// Whole chunks are the schedule while they give at least this many CTAs (about one per SM of an H100);
-// below it one CTA takes one split. Measured crossover on an H100, Qwen3-8B heads, µs per layer call:
-// 1 row, 8K keys: 23.2 split against 37.0 whole, 16K: 40.3 / 39.5, 32K: 69.0 / 56.0; 32 rows, 4K: 31.9
-// / 39.5, 8K: 58.7 / 53.9.
-constexpr int kAttentionWholeChunkMinCtas = 128;
-constexpr int kAttentionWarps = 4;
+// Whole chunks are the schedule while they give at least this many warps (about one 4-warp CTA per SM of
+// an H100); below it one CTA takes one split. Measured crossover on an H100, Qwen3-8B heads, µs per layer
+// call: 1 row, 8K keys: 23.2 split against 37.0 whole, 16K: 40.3 / 39.5, 32K: 69.0 / 56.0; 32 rows, 4K:
+// 31.9 / 39.5, 8K: 58.7 / 53.9.
+constexpr int kAttentionWholeChunkMinWarps = 512;
 constexpr int kAttentionVectorsPerWarp = 16;
-constexpr int kAttentionVectorsPerCta = kAttentionWarps * kAttentionVectorsPerWarp;
+// Warps per CTA: 4, or 8 when a kv head has more than 64 query vectors, so that each K/V tile a CTA loads
+// serves 128 of them (32 rows at 32K, Qwen3-8B heads: 93 -> 88 µs per layer call on an H100; with fewer
+// vectors the extra warps would idle and halve the CTAs per SM). A warp's arithmetic does not depend on
+// how many warps its CTA has, so the choice cannot change a bit.
+constexpr int attention_warps(int vectors) { return vectors > 4 * kAttentionVectorsPerWarp ? 8 : 4; }
 constexpr int kAttentionStages = 3;
 constexpr int kAttentionMergeWarps = 4;  // one CTA per (row, q head); warp w folds chunks w, w + 4, ...
 
@@ -197,8 +200,8 @@ __device__ __forceinline__ int attention_key_limit(const AttentionParams& p, int
   return p.causal ? cache_len + block_row + 1 : cache_len + p.rows;
 }
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kAttentionWarps * 32)
+template <typename T, int kHeadDim, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
     attention_chunk_kernel(const AttentionParams p) {
   constexpr int kRow = attention_smem_row<kHeadDim>();
   constexpr int kTileElems = kAttentionTileKeys * kRow;
@@ -207,7 +210,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   constexpr int kKeySteps = kAttentionTileKeys / 16;  // MMA k-steps over the keys (P V)
   constexpr int kDTiles = kHeadDim / 8;          // MMA n-tiles over the head dimension (P V)
   constexpr int kSegmentsPerKey = kHeadDim / 8;  // 16-byte copies per key row
-  constexpr int kThreads = kAttentionWarps * 32;
+  constexpr int kThreads = kWarps * 32;
 
   extern __shared__ uint4 attention_smem[];
   T* const smem = reinterpret_cast<T*>(attention_smem);
@@ -236,7 +239,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   const int lane_group = lane / 4;   // the row (and row + 8) of the MMA fragments this lane holds
   const int lane_in_group = lane % 4;
   const int vectors = p.rows * p.group;
-  const int warp_first_vector = vector_tile * kAttentionVectorsPerCta + warp * kAttentionVectorsPerWarp;
+  const int warp_first_vector = (vector_tile * kWarps + warp) * kAttentionVectorsPerWarp;
   const bool warp_has_rows = warp_first_vector < vectors;
 
   const T* const k_cache = static_cast<const T*>(p.k_cache);
