@@ -11,12 +11,13 @@ namespace {
 template <typename T, int kRowGroups>
 cudaError_t launch_for_row_groups(const LinearParams& params, cudaStream_t stream) {
   constexpr int kSmemBytes = linear_smem_bytes<kRowGroups>();
+  constexpr int kDepth = linear_weight_depth(kRowGroups);
   // A function attribute, not a stream operation: legal during graph capture.
-  cudaError_t status = cudaFuncSetAttribute(linear_rows_kernel<T, kRowGroups>,
+  cudaError_t status = cudaFuncSetAttribute(linear_rows_kernel<T, kRowGroups, kDepth>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
   const int tiles = (params.out_features + kLinearTileRows - 1) / kLinearTileRows;
-  return launch_clustered_kernel(linear_rows_kernel<T, kRowGroups>, dim3(unsigned(tiles) * unsigned(params.split)),
+  return launch_clustered_kernel(linear_rows_kernel<T, kRowGroups, kDepth>, dim3(unsigned(tiles) * unsigned(params.split)),
                                  dim3(unsigned(params.split), 1, 1), dim3(kLinearThreads), kSmemBytes, stream, params);
 }
 

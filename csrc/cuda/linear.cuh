@@ -60,6 +60,10 @@ struct LinearParams {
   bool y_vector_stores;  // y and out_features allow 8-byte stores of 4 outputs
 };
 
+// Chunks of weights each warp keeps in flight (registers). Two fit the 128-register budget of two CTAs per
+// SM only while the accumulators and x fragments of few row groups leave room.
+constexpr int linear_weight_depth(int row_groups) { return row_groups <= 3 ? 2 : 1; }
+
 template <int kRowGroups>
 constexpr int linear_smem_bytes() {
   // Two x chunk buffers (double buffering); the partial sums reuse them after the main loop.
@@ -146,7 +150,7 @@ __device__ __forceinline__ void stage_x_chunk(const LinearParams& p, int chunk, 
 
 // Grid: one cluster of p.split CTAs per 64-row output tile. Each CTA: 4 warps along N (16 weight rows
 // each) x 2 warps along K (the two 128-wide halves of every 256-wide chunk).
-template <typename T, int kRowGroups>
+template <typename T, int kRowGroups, int kDepth>
 __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const LinearParams p) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char linear_smem[];
@@ -192,51 +196,62 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     for (int i = 0; i < 4; ++i) accumulator[g][i] = 0.0f;
   }
 
-  // One chunk of weights in registers: as soon as a block's MMAs have been issued, its registers are
-  // reloaded with the same block of the next chunk, so a chunk of loads is always in flight. The weights
-  // are constant, so the first chunk is requested before the previous kernel (which produces x) has
-  // finished. (Asking L2 to prefetch the next chunks as well was slower on an H100: 8B iteration 14.49 ms
-  // against 13.80 ms without, 2026-11-22.)
-  uint4 weights[kLinearBlocksPerStep][2];
-  if (chunk_begin < chunk_end) {
+  // kDepth chunks of weights in registers, a ring indexed by chunk % kDepth: as soon as a block's MMAs
+  // have been issued, its registers are reloaded with the same block kDepth chunks later, so kDepth chunks
+  // of loads are always in flight. The weights are constant, so the first chunks are requested before the
+  // previous kernel (which produces x) has finished. (Asking L2 to prefetch further chunks instead was
+  // slower on an H100: 8B iteration 14.49 ms against 13.80 ms without, 2026-11-22.)
+  uint4 weights[kDepth][kLinearBlocksPerStep][2];
 #pragma unroll
-    for (int block = 0; block < kLinearBlocksPerStep; ++block) load_weight_block(chunk_begin, block, weights[block]);
+  for (int slot = 0; slot < kDepth; ++slot) {
+    if (chunk_begin + slot < chunk_end) {
+#pragma unroll
+      for (int block = 0; block < kLinearBlocksPerStep; ++block)
+        load_weight_block(chunk_begin + slot, block, weights[slot][block]);
+    }
   }
   wait_for_previous_kernels();
   if (chunk_begin < chunk_end) {
     stage_x_chunk<T, kRowGroups>(p, chunk_begin, x_buffers);
     copy_async_commit();
   }
-  for (int chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-    const int parity = (chunk - chunk_begin) & 1;
-    const bool more = chunk + 1 < chunk_end;
-    if (more) {
-      // The other buffer was last read in the previous iteration, which ended with a barrier.
-      stage_x_chunk<T, kRowGroups>(p, chunk + 1, x_buffers + (parity ^ 1) * kXRows * kLinearXPitch);
-      copy_async_commit();
-      copy_async_wait<1>();
-    } else {
-      copy_async_wait<0>();
-    }
-    __syncthreads();
-
-    const T* const x_chunk = x_buffers + parity * kXRows * kLinearXPitch + warp_k * kLinearWarpStepK + quad * 8;
+  // Steps of kDepth chunks, unrolled so that every register index is a constant.
+  for (int step = chunk_begin; step < chunk_end; step += kDepth) {
 #pragma unroll
-    for (int block = 0; block < kLinearBlocksPerStep; ++block) {
-      const uint4& row_low = weights[block][0];
-      const uint4& row_high = weights[block][1];
-#pragma unroll
-      for (int g = 0; g < kRowGroups; ++g) {
-        const uint4 x_words =
-            *reinterpret_cast<const uint4*>(x_chunk + (g * 8 + group) * kLinearXPitch + 32 * block);
-        mma_16x8x16<T>(accumulator[g], word<0>(row_low), word<0>(row_high), word<1>(row_low), word<1>(row_high),
-                       word<0>(x_words), word<1>(x_words));
-        mma_16x8x16<T>(accumulator[g], word<2>(row_low), word<2>(row_high), word<3>(row_low), word<3>(row_high),
-                       word<2>(x_words), word<3>(x_words));
+    for (int slot = 0; slot < kDepth; ++slot) {
+      const int chunk = step + slot;
+      if (chunk >= chunk_end) break;
+      const int parity = (chunk - chunk_begin) & 1;
+      const bool more = chunk + 1 < chunk_end;
+      if (more) {
+        // The other buffer was last read in the previous iteration, which ended with a barrier.
+        stage_x_chunk<T, kRowGroups>(p, chunk + 1, x_buffers + (parity ^ 1) * kXRows * kLinearXPitch);
+        copy_async_commit();
+        copy_async_wait<1>();
+      } else {
+        copy_async_wait<0>();
       }
-      if (more) load_weight_block(chunk + 1, block, weights[block]);
+      __syncthreads();
+
+      const T* const x_chunk =
+          x_buffers + parity * kXRows * kLinearXPitch + warp_k * kLinearWarpStepK + quad * 8;
+#pragma unroll
+      for (int block = 0; block < kLinearBlocksPerStep; ++block) {
+        const uint4& row_low = weights[slot][block][0];
+        const uint4& row_high = weights[slot][block][1];
+#pragma unroll
+        for (int g = 0; g < kRowGroups; ++g) {
+          const uint4 x_words =
+              *reinterpret_cast<const uint4*>(x_chunk + (g * 8 + group) * kLinearXPitch + 32 * block);
+          mma_16x8x16<T>(accumulator[g], word<0>(row_low), word<0>(row_high), word<1>(row_low),
+                         word<1>(row_high), word<0>(x_words), word<1>(x_words));
+          mma_16x8x16<T>(accumulator[g], word<2>(row_low), word<2>(row_high), word<3>(row_low),
+                         word<3>(row_high), word<2>(x_words), word<3>(x_words));
+        }
+        if (chunk + kDepth < chunk_end) load_weight_block(chunk + kDepth, block, weights[slot][block]);
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
 
   // Accumulator element i of group g: x row 8g + 2*quad + (i & 1), tile column warp_n*16 + group + 8*(i >> 1).
