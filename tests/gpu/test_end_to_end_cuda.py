@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.harness.models import build_network, model_config  # noqa: E402
 from orthrus.engine import Model  # noqa: E402
 from orthrus.model import Qwen3  # noqa: E402
+from test_attention_cuda import split_schedule_limit  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -31,15 +32,15 @@ def network(ext):
     return network
 
 
-def random_prompts(count):
+def random_prompts(count, lengths=(1, 7, 40, 64, 65, 200, 1000)):
     rng = random.Random()
-    return [[rng.randrange(151643) for _ in range(rng.choice([1, 7, 40, 64, 65, 200, 1000]))]
-            for _ in range(count)]
+    return [[rng.randrange(151643) for _ in range(rng.choice(lengths))] for _ in range(count)]
 
 
-def check_orthrus_equals_ar(model, params):
+def check_orthrus_equals_ar(model, params, prompts=None):
+    prompts = random_prompts(PROMPTS) if prompts is None else prompts
     mismatches, iterations, tokens = [], 0, 0
-    for index, prompt in enumerate(random_prompts(PROMPTS)):
+    for index, prompt in enumerate(prompts):
         ar = model.generate(prompt, max_new_tokens=NEW_TOKENS, mode="ar", **params)
         dual = model.generate(prompt, max_new_tokens=NEW_TOKENS, mode="orthrus", **params)
         if dual.tokens != ar.tokens:
@@ -48,7 +49,7 @@ def check_orthrus_equals_ar(model, params):
             mismatches.append((index, len(prompt), first))
         iterations += dual.stats["iterations"]
         tokens += dual.stats["generated_tokens"] - 1
-    print(f"{params}: {PROMPTS} prompts x {NEW_TOKENS} tokens, {len(mismatches)} mismatches, "
+    print(f"{params}: {len(prompts)} prompts x {NEW_TOKENS} tokens, {len(mismatches)} mismatches, "
           f"tokens per iteration {tokens / max(iterations, 1):.2f}")
     assert not mismatches, f"(prompt, prompt length, first differing token): {mismatches[:10]}"
 
@@ -64,3 +65,16 @@ def test_sampled_orthrus_equals_ar_bf16(network):
     flat = Qwen3(network.config, network.embed, network.layers, network.final_norm * 0.1, network.lm_head)
     check_orthrus_equals_ar(Model(network.config, flat, None, "random Qwen3-1.7B shape, flat logits"),
                             dict(temperature=1.0, top_k=200, top_p=0.95, seed=random.randrange(1 << 20)))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=1.0, top_k=200, seed=20261122)],
+                        ids=["greedy", "sampled"])
+def test_long_prompts_cross_attention_schedules(network, params):
+    """Prompts ending just before the attention kernel switches from one CTA per key split to whole
+    chunks: AR steps before the switch and verify blocks straddling it take different schedules for the
+    same rows, so the generated tokens match only if both schedules give the same bits."""
+    config = network.config
+    switch = split_schedule_limit(1, config.num_attention_heads, config.num_key_value_heads)
+    rng = random.Random()
+    prompts = [[rng.randrange(151643) for _ in range(switch - rng.randint(1, NEW_TOKENS - 1))] for _ in range(4)]
+    check_orthrus_equals_ar(Model(config, network, None, "random Qwen3-1.7B shape"), params, prompts)
