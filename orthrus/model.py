@@ -54,6 +54,7 @@ class Qwen3:
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.rope_cos_sin = rope_table(config, 0, embed.device)
+        self._superseded_rope_tables: list[torch.Tensor] = []
         self.scale = config.head_dim ** -0.5
 
     @property
@@ -71,6 +72,9 @@ class Qwen3:
     def reserve_positions(self, positions: int) -> None:
         """Grow the RoPE table to cover `positions` (allocation stays out of the decode loop)."""
         if self.rope_cos_sin.shape[0] < positions:
+            # CUDA graphs captured earlier by any runner of this network read the old table by address and
+            # may still be replayed at the positions it covers: it is kept alive, not freed.
+            self._superseded_rope_tables.append(self.rope_cos_sin)
             self.rope_cos_sin = rope_table(self.config, positions, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, view: str) -> torch.Tensor:

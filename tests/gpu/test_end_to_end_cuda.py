@@ -12,8 +12,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.harness.models import build_network, model_config  # noqa: E402
+from orthrus.cache import KVCache  # noqa: E402
+from orthrus.decode import prefill  # noqa: E402
 from orthrus.engine import Model  # noqa: E402
 from orthrus.model import Qwen3  # noqa: E402
+from orthrus.runner import IterationRunner  # noqa: E402
+from orthrus.sampling import SamplingParams  # noqa: E402
 from test_attention_cuda import split_schedule_limit  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -58,12 +62,15 @@ def test_greedy_orthrus_equals_ar_bf16(network):
     check_orthrus_equals_ar(Model(network.config, network, None, "random Qwen3-1.7B shape"), dict(temperature=0.0))
 
 
+def flat_logits(network):
+    return Qwen3(network.config, network.embed, network.layers, network.final_norm * 0.1, network.lm_head)
+
+
 def test_sampled_orthrus_equals_ar_bf16(network):
     """Logits scaled down (final norm x 0.1) so that the shared Gumbel noise often puts the same token on
     top in both views: iterations then accept long runs, which is where a verify row that differed from
     the one-token AR step in any bit would show up as a different token."""
-    flat = Qwen3(network.config, network.embed, network.layers, network.final_norm * 0.1, network.lm_head)
-    check_orthrus_equals_ar(Model(network.config, flat, None, "random Qwen3-1.7B shape, flat logits"),
+    check_orthrus_equals_ar(Model(network.config, flat_logits(network), None, "random Qwen3-1.7B shape, flat logits"),
                             dict(temperature=1.0, top_k=200, top_p=0.95, seed=random.randrange(1 << 20)))
 
 
@@ -78,3 +85,41 @@ def test_long_prompts_cross_attention_schedules(network, params):
     rng = random.Random()
     prompts = [[rng.randrange(151643) for _ in range(switch - rng.randint(1, NEW_TOKENS - 1))] for _ in range(4)]
     check_orthrus_equals_ar(Model(config, network, None, "random Qwen3-1.7B shape"), params, prompts)
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_forced_full_acceptance_equals_ar(network, sampled):
+    """Random weights draft badly, so the tests above accept about one token per iteration and only the
+    first verify row decides a token. Here every iteration's drafts are the AR continuation itself: all
+    block_size - 1 are accepted only if every row of the B-row verify pass (graph-replayed, as in
+    decoding) gives the token the one-row AR step gave at that position."""
+    if sampled:
+        network = flat_logits(network)
+        params = dict(temperature=1.0, top_k=200, top_p=0.95, seed=random.randrange(1 << 20))
+    else:
+        params = dict(temperature=0.0)
+    model = Model(network.config, network, None, "random Qwen3-1.7B shape")
+    block = network.config.block_size
+    prompts = random_prompts(PROMPTS)
+    capacity = max(map(len, prompts)) + NEW_TOKENS + 2 * block
+    cache = KVCache(network.config, capacity, block, network.device, network.dtype)
+    network.reserve_positions(capacity)
+    sampling = SamplingParams.create(**params)
+    runner = IterationRunner(network, cache, sampling, block - 1, diffusion=False)
+    mismatches, checked = [], 0
+    for index, prompt in enumerate(prompts):
+        continuation = model.generate(prompt, max_new_tokens=NEW_TOKENS, mode="ar", **params).tokens
+        runner.anchor.copy_(prefill(network, cache, torch.tensor(prompt, device=network.device), sampling))
+        assert int(runner.anchor.item()) == continuation[0]
+        for start in range(0, len(continuation) - block, block):
+            runner.drafts.copy_(torch.tensor(continuation[start + 1:start + block], device=network.device))
+            runner.verify()
+            count = int(runner.outputs.count.item())
+            emitted = runner.outputs.tokens[:count].tolist()
+            checked += 1
+            if emitted != continuation[start + 1:start + block + 1]:
+                mismatches.append((index, len(prompt), start, count))
+                break
+    print(f"{params}: {len(prompts)} prompts, {checked} fully forced iterations of {block} tokens, "
+          f"{len(mismatches)} mismatches")
+    assert not mismatches, f"(prompt, prompt length, iteration start, tokens emitted): {mismatches[:10]}"
