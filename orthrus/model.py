@@ -71,11 +71,14 @@ class Qwen3:
 
     def reserve_positions(self, positions: int) -> None:
         """Grow the RoPE table to cover `positions` (allocation stays out of the decode loop)."""
-        if self.rope_cos_sin.shape[0] < positions:
+        rows = self.rope_cos_sin.shape[0]
+        if rows < positions:
             # CUDA graphs captured earlier by any runner of this network read the old table by address and
-            # may still be replayed at the positions it covers: it is kept alive, not freed.
+            # may still be replayed at the positions it covers: it is kept alive, not freed. Growing at least
+            # twofold keeps all the tables kept alive smaller than the current one.
             self._superseded_rope_tables.append(self.rope_cos_sin)
-            self.rope_cos_sin = rope_table(self.config, positions, self.device)
+            grown = max(positions, min(2 * rows, self.config.max_position_embeddings))
+            self.rope_cos_sin = rope_table(self.config, grown, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, view: str) -> torch.Tensor:
         """Final-norm hidden states [rows, hidden] of `tokens` placed at positions cache.length...

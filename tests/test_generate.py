@@ -8,6 +8,7 @@ import orthrus
 from checkpoints import TINY_CONFIG, random_weights, write_checkpoint, write_tokenizer
 from orthrus.cache import KVCache
 from orthrus.decode import diffusion_drafts, prefill
+from orthrus.model import Qwen3
 from orthrus.runner import IterationRunner
 from orthrus.sampling import SamplingParams
 
@@ -151,3 +152,18 @@ def test_enable_thinking_reaches_the_chat_template(tmp_path):
     assert model.tokenizer.decode(model.encode_prompt(messages, enable_thinking=False)) == "hi no-think"
     thinking_off = model.generate(messages, max_new_tokens=4, enable_thinking=False)
     assert thinking_off.tokens == model.generate(model.encode_prompt(messages, False), max_new_tokens=4).tokens
+
+
+def test_growing_the_rope_table_keeps_old_tables_and_bounds_them(tiny_orthrus):
+    """Graphs captured earlier read the old RoPE table by address, so growing keeps it alive; growth is at
+    least twofold, so everything kept alive stays smaller than the current table."""
+    shared = tiny_orthrus.network  # a fresh network on its weights: its table starts empty
+    network = Qwen3(shared.config, shared.embed, shared.layers, shared.final_norm, shared.lm_head)
+    first = None
+    for positions in range(64, 1025, 64):
+        network.reserve_positions(positions)
+        first = network.rope_cos_sin if first is None else first
+        assert network.rope_cos_sin.shape[0] >= positions
+    assert any(table is first for table in network._superseded_rope_tables)
+    kept = sum(table.shape[0] for table in network._superseded_rope_tables)
+    assert kept < network.rope_cos_sin.shape[0]

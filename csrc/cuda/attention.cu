@@ -17,8 +17,9 @@ int attention_warps(int64_t rows, int64_t q_heads, int64_t kv_heads) {
 }
 
 int64_t attention_vector_tiles(int64_t rows, int64_t q_heads, int64_t kv_heads) {
+  const int64_t vectors = rows * (q_heads / kv_heads);
   const int64_t vectors_per_cta = attention_warps(rows, q_heads, kv_heads) * cuda_detail::kAttentionVectorsPerWarp;
-  return (rows * (q_heads / kv_heads) + vectors_per_cta - 1) / vectors_per_cta;
+  return (vectors + vectors_per_cta - 1) / vectors_per_cta;
 }
 
 // The most live chunks for which whole chunks would give fewer warps than kAttentionWholeChunkMinWarps.
@@ -61,7 +62,9 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
 template <typename T, int kHeadDim>
 cudaError_t launch_attention_for_warps(const cuda_detail::AttentionParams& params, int64_t kv_heads,
                                        cudaStream_t stream) {
-  if (attention_warps(params.rows, params.q_heads, kv_heads) == 8) return launch_attention<T, kHeadDim, 8>(params, kv_heads, stream);
+  if (attention_warps(params.rows, params.q_heads, kv_heads) == 8) {
+    return launch_attention<T, kHeadDim, 8>(params, kv_heads, stream);
+  }
   return launch_attention<T, kHeadDim, 4>(params, kv_heads, stream);
 }
 

@@ -5,12 +5,12 @@
 // chunk's state is the left fold of its splits' states (fold_weights, fold), starting from the empty state;
 // a row's output folds its chunks in an order fixed by the chunk indices alone.
 //
-// The chunk kernel gives one CTA a (tile of 64 or 128 query vectors, kv head, key range), where a query vector is
-// one (block row, q head of that kv head's group), so every K/V tile it loads serves the whole GQA group
-// and all block rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with an online
-// softmax over 64-key tiles. Its key range is either a whole chunk, whose splits it folds in registers, or,
-// when whole chunks would leave most SMs idle (short contexts), a single split whose state the merge kernel
-// folds. Both schedules compute the same operations on the same values, so the choice (made on the device
+// The chunk kernel gives one CTA a (tile of 64 or 128 query vectors, kv head, key range), where a query
+// vector is one (block row, q head of that kv head's group), so every K/V tile it loads serves the whole
+// GQA group and all block rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with
+// an online softmax over 64-key tiles. Its key range is either a whole chunk, whose splits it folds in
+// registers, or, when whole chunks would leave most SMs idle (short contexts), a single split whose state
+// the merge kernel folds. Both schedules compute the same operations on the same values, so the choice (made on the device
 // from the live length) never changes a bit.
 //
 // Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warp runs the

@@ -17,8 +17,9 @@ cudaError_t launch_for_row_groups(const LinearParams& params, cudaStream_t strea
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
   const int tiles = (params.out_features + kLinearTileRows - 1) / kLinearTileRows;
-  return launch_clustered_kernel(linear_rows_kernel<T, kRowGroups, kDepth>, dim3(unsigned(tiles) * unsigned(params.split)),
-                                 dim3(unsigned(params.split), 1, 1), dim3(kLinearThreads), kSmemBytes, stream, params);
+  return launch_clustered_kernel(linear_rows_kernel<T, kRowGroups, kDepth>,
+                                 dim3(unsigned(tiles) * unsigned(params.split)), dim3(unsigned(params.split), 1, 1),
+                                 dim3(kLinearThreads), kSmemBytes, stream, params);
 }
 
 template <typename T>

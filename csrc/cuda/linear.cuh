@@ -61,7 +61,8 @@ struct LinearParams {
 };
 
 // Chunks of weights each warp keeps in flight (registers). Two fit the 128-register budget of two CTAs per
-// SM only while the accumulators and x fragments of few row groups leave room.
+// SM only while the accumulators of few row groups leave room: with 4 groups ptxas spilled, and on an H100
+// (8B, 2026-11-22) the 32-row passes lost 0.5 ms each, while 1 row gained 1% (AR 6.11 -> 6.03 ms).
 constexpr int linear_weight_depth(int row_groups) { return row_groups <= 3 ? 2 : 1; }
 
 template <int kRowGroups>
@@ -196,11 +197,11 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     for (int i = 0; i < 4; ++i) accumulator[g][i] = 0.0f;
   }
 
-  // kDepth chunks of weights in registers, a ring indexed by chunk % kDepth: as soon as a block's MMAs
-  // have been issued, its registers are reloaded with the same block kDepth chunks later, so kDepth chunks
-  // of loads are always in flight. The weights are constant, so the first chunks are requested before the
-  // previous kernel (which produces x) has finished. (Asking L2 to prefetch further chunks instead was
-  // slower on an H100: 8B iteration 14.49 ms against 13.80 ms without, 2026-11-22.)
+  // kDepth chunks of weights in registers, a ring indexed by (chunk - chunk_begin) % kDepth: as soon as a
+  // block's MMAs have been issued, its registers are reloaded with the same block kDepth chunks later, so
+  // kDepth chunks of loads are always in flight. The weights are constant, so the first chunks are
+  // requested before the previous kernel (which produces x) has finished. (Asking L2 to prefetch further
+  // chunks instead was slower on an H100: 8B iteration 14.49 ms against 13.80 ms without, 2026-11-22.)
   uint4 weights[kDepth][kLinearBlocksPerStep][2];
 #pragma unroll
   for (int slot = 0; slot < kDepth; ++slot) {
