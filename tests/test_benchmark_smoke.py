@@ -64,6 +64,16 @@ def test_results_have_every_measurement(quick_run):
     assert model["bytes"]["ar_pass_weights"] < model["bytes"]["unique_weights"]
 
 
+def test_tables_state_the_target_ratios(quick_run):
+    out = quick_run[0]
+    model = json.loads((out / "results.json").read_text())["models"]["tiny"]
+    short, long = model["contexts"]["64"], model["contexts"]["128"]
+    growth = long["orthrus"]["32"]["iteration_ms"] / short["orthrus"]["32"]["iteration_ms"]
+    over_floor = short["orthrus"]["32"]["iteration_ms"] / short["orthrus"]["32"]["floor_ms"]
+    row = f"| tiny | 32 | 64 | {100 * short['ar']['fraction_of_floor']:.0f}% | {over_floor:.2f}x | 128 | {growth:.2f}x |"
+    assert row in (out / "results.md").read_text()
+
+
 def test_orthrus_reproduces_ar_decoding(quick_run):
     """fp32 on the CPU promises bit-exact equality: every forced iteration emits the AR continuation."""
     model = json.loads((quick_run[0] / "results.json").read_text())["models"]["tiny"]

@@ -34,6 +34,28 @@ def _hf_speed(model: dict, cache: str) -> str:
     return _number(run["tokens_per_second"])
 
 
+def _scaling_summary(models: dict) -> list[str]:
+    """The ratios the speed targets are stated in, between the shortest and the longest scaling context:
+    AR time over its floor, iteration time over the two-pass floor, and how the iteration grows."""
+    rows = []
+    for name, model in models.items():
+        contexts = sorted(model.get("contexts", {}), key=int)
+        if len(contexts) < 2:
+            continue
+        short, long = model["contexts"][contexts[0]], model["contexts"][contexts[-1]]
+        for block, full in short["orthrus"].items():
+            if block not in long["orthrus"]:
+                continue
+            rows.append([name, block, contexts[0], _percent(short["ar"]["fraction_of_floor"]),
+                         f"{full['iteration_ms'] / full['floor_ms']:.2f}x", contexts[-1],
+                         f"{long['orthrus'][block]['iteration_ms'] / full['iteration_ms']:.2f}x"])
+    if not rows:
+        return []
+    return ["## Ratios between the shortest and the longest context", ""] + _table(
+        ["model", "B", "short context", "AR % floor", "iteration / two-pass floor", "long context",
+         "iteration long / short"], rows) + [""]
+
+
 def markdown(results: dict) -> str:
     meta, models = results["meta"], results["models"]
     bandwidth = results["copy_bandwidth"]
@@ -101,6 +123,7 @@ def markdown(results: dict) -> str:
         lines += _table(["model", "context", "AR ms/token", "AR tok/s", "AR % floor", "B", "iteration ms",
                          "tok/s τ=B", "iteration % floor", "exact"], rows)
         lines += [""]
+        lines += _scaling_summary(models)
 
     if results["skipped"]:
         lines += ["## Skipped", ""] + [f"- {note}" for note in results["skipped"]] + [""]
