@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -31,8 +32,16 @@ from orthrus.runner import IterationRunner  # noqa: E402
 REPLAYS = 10
 
 
+LINEAR_EPILOGUES = {"0": "store", "1": "silu_mul", "2": "head_norm_rope"}
+
+
 def short_name(kernel: str) -> str:
-    """Template arguments and parameter lists dropped: 'linear_rows_kernel<bf16, 4>(...)' -> 'linear_rows_kernel'."""
+    """Template arguments and parameter lists dropped: 'linear_rows_kernel<bf16, 4>(...)' -> 'linear_rows_kernel',
+    except the linear kernel's epilogue: 'linear_rows_kernel<..., (LinearEpilogue)1, 0>' -> 'linear_rows_kernel
+    silu_mul'."""
+    epilogue = re.search(r"LinearEpilogue\)(\d)", kernel)
+    if epilogue:
+        return "linear_rows_kernel " + LINEAR_EPILOGUES.get(epilogue.group(1), epilogue.group(1))
     name = kernel.split("(")[0]
     depth, out = 0, []
     for character in name:

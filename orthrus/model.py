@@ -98,23 +98,20 @@ class Qwen3:
         config, rows = self.config, h.shape[0]
         layer = self.layers[index]
         weights = layer.ar if view == AR_VIEW else layer.diffusion
-        qkv = ops.linear(h, weights.qkv)
-        q_size, kv_size = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-        q, k, v = (part.view(rows, -1, config.head_dim) for part in qkv.split([q_size, kv_size, kv_size], dim=-1))
         if view == AR_VIEW:
             k_dst, v_dst, dst_start = cache.k[index], cache.v[index], cache.length
             k_block = v_block = None
         else:
             k_dst, v_dst, dst_start = cache.block_k, cache.block_v, cache.block_start
             k_block, v_block = cache.block_k[:rows], cache.block_v[:rows]
-        q = ops.qk_norm_rope_store(q, k, v, weights.q_norm, weights.k_norm, self.rope_cos_sin, cache.length,
-                                   k_dst, v_dst, dst_start, config.rms_norm_eps)
+        q = ops.linear_qk_norm_rope_store(h, weights.qkv, weights.q_norm, weights.k_norm, self.rope_cos_sin,
+                                          cache.length, k_dst, v_dst, dst_start, config.rms_norm_eps)
         out = ops.attention(q, cache.k[index], cache.v[index], cache.length, k_block, v_block,
                             causal=view == AR_VIEW, scale=self.scale)
-        return ops.linear(out.reshape(rows, q_size), weights.o)
+        return ops.linear(out.reshape(rows, -1), weights.o)
 
     def mlp(self, h: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        return ops.linear(ops.silu_mul(ops.linear(h, layer.gate_up)), layer.down)
+        return ops.linear(ops.linear_silu_mul(h, layer.gate_up), layer.down)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.linear(hidden, self.lm_head)

@@ -47,12 +47,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return extension().linear(x, weight)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of [gate | up] rows."""
-    if gate_up.shape[0] > MAX_BLOCK_ROWS:
-        gate, up = gate_up.chunk(2, dim=-1)
+def linear_silu_mul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of the [gate | up] projection of x: silu(x gate^T) * (x up^T)."""
+    if x.shape[0] > MAX_BLOCK_ROWS:
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.silu(gate) * up
-    return extension().silu_mul(gate_up)
+    return extension().linear_silu_mul(x, gate_up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -82,14 +82,18 @@ def reference_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def qk_norm_rope_store(q, k, v, q_norm_weight, k_norm_weight, rope_cos_sin, positions_start,
-                       k_dst, v_dst, dst_start, eps):
-    """Per-head RMSNorm and RoPE of q and k; k and v are stored at rows dst_start.. of k_dst / v_dst.
-    Returns the rotated q."""
-    rows = q.shape[0]
+def linear_qk_norm_rope_store(x, qkv_weight, q_norm_weight, k_norm_weight, rope_cos_sin, positions_start,
+                              k_dst, v_dst, dst_start, eps):
+    """The fused q | k | v projection of x, then per-head RMSNorm and RoPE of q and k; k and v are stored at
+    rows dst_start.. of k_dst / v_dst ([rows, kv_heads, head_dim]). Returns the rotated q [rows, q_heads,
+    head_dim]."""
+    rows = x.shape[0]
     if rows <= MAX_BLOCK_ROWS:
-        return extension().qk_norm_rope_store(q, k, v, q_norm_weight, k_norm_weight, rope_cos_sin,
-                                              positions_start, k_dst, v_dst, dst_start, eps)
+        return extension().linear_qk_norm_rope_store(x, qkv_weight, q_norm_weight, k_norm_weight, rope_cos_sin,
+                                                     positions_start, k_dst, v_dst, dst_start, eps)
+    head_dim, kv_size = k_dst.shape[-1], k_dst.shape[-2] * k_dst.shape[-1]
+    q, k, v = (part.view(rows, -1, head_dim)
+               for part in F.linear(x, qkv_weight).split([qkv_weight.shape[0] - 2 * kv_size, kv_size, kv_size], -1))
     start, dst = int(positions_start.item()), int(dst_start.item())
     cos_sin = rope_cos_sin[start:start + rows]
     k_dst[dst:dst + rows] = reference_rope(reference_rms_norm(k, k_norm_weight, eps), cos_sin)

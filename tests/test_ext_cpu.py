@@ -288,6 +288,37 @@ def test_qk_norm_rope_store_row_invariant(gen, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the fused forms: bit for bit the separate calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_silu_mul_is_linear_then_silu_mul(gen, dtype):
+    rows, features, in_features = randint(gen, 1, 64), randint(gen, 1, 100), randint(gen, 1, 200)
+    x = rows_view(gen, rows, in_features, dtype)
+    weight = randn(gen, 2 * features, in_features, dtype=dtype)
+    assert torch.equal(ext.linear_silu_mul(x, weight), ext.silu_mul(ext.linear(x, weight)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_qk_norm_rope_store_is_linear_then_qk_norm_rope_store(gen, dtype):
+    rows, in_features = randint(gen, 1, 64), randint(gen, 1, 200)
+    q, k, v, q_weight, k_weight, table, position, dst_rows, dst_start = qk_norm_rope_setup(gen, dtype, rows)
+    q_heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    x = rows_view(gen, rows, in_features, dtype)
+    weight = randn(gen, (q_heads + 2 * kv_heads) * head_dim, in_features, dtype=dtype)
+    qkv = ext.linear(x, weight)
+    q, k, v = (part.view(rows, -1, head_dim) for part in qkv.split([q_heads * head_dim, kv_heads * head_dim,
+                                                                    kv_heads * head_dim], dim=-1))
+    expected = run_qk_norm_rope_store(q, k, v, q_weight, k_weight, table, position, dst_rows, dst_start)
+    k_dst = torch.full_like(expected[1], float("nan"))
+    v_dst = torch.full_like(expected[2], float("nan"))
+    q_out = ext.linear_qk_norm_rope_store(x, weight, q_weight, k_weight, table, scalar(position), k_dst, v_dst,
+                                          scalar(dst_start), 1e-6)
+    for actual, wanted in zip((q_out, k_dst, v_dst), expected):  # bits, so that the NaN rows compare too
+        assert torch.equal(actual.view(torch.int8), wanted.view(torch.int8))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # attention
 
 
@@ -384,6 +415,13 @@ def good_arguments():
     rows, q_heads, kv_heads, head_dim = 4, 4, 2, 16
     return {
         "linear": dict(x=torch.randn(rows, 8), weight=torch.randn(5, 8)),
+        "linear_silu_mul": dict(x=torch.randn(rows, 8), weight=torch.randn(6, 8)),
+        "linear_qk_norm_rope_store": dict(
+            x=torch.randn(rows, 8), weight=torch.randn((q_heads + 2 * kv_heads) * head_dim, 8),
+            q_norm_weight=torch.ones(head_dim), k_norm_weight=torch.ones(head_dim),
+            rope_cos_sin=rope_table(32, head_dim), positions_start=scalar(3),
+            k_dst=torch.zeros(16, kv_heads, head_dim), v_dst=torch.zeros(16, kv_heads, head_dim),
+            dst_start=scalar(3), eps=1e-6),
         "rms_norm": dict(x=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
         "add_rms_norm": dict(x=torch.randn(rows, 8), delta=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
         "qk_norm_rope_store": dict(
@@ -413,6 +451,20 @@ BAD_ARGUMENTS = [
     ("linear", "weight", lambda a: torch.randn(5, 9), ValueError),
     ("linear", "weight", lambda a: torch.randn(8, 5).T, ValueError),
     ("linear", "weight", lambda a: a["weight"].to("meta"), ValueError),
+    ("linear_silu_mul", "x", lambda a: a["x"].to(torch.float64), TypeError),
+    ("linear_silu_mul", "weight", lambda a: torch.randn(5, 8), ValueError),
+    ("linear_silu_mul", "weight", lambda a: torch.randn(6, 9), ValueError),
+    ("linear_qk_norm_rope_store", "x", lambda a: torch.randn(8, 4).T, ValueError),
+    ("linear_qk_norm_rope_store", "weight", lambda a: torch.randn(64, 8), ValueError),
+    ("linear_qk_norm_rope_store", "weight", lambda a: torch.randn(136, 8), ValueError),
+    ("linear_qk_norm_rope_store", "q_norm_weight", lambda a: torch.ones(8), ValueError),
+    ("linear_qk_norm_rope_store", "k_norm_weight", lambda a: torch.ones(16).half(), TypeError),
+    ("linear_qk_norm_rope_store", "rope_cos_sin", lambda a: rope_table(32, 8), ValueError),
+    ("linear_qk_norm_rope_store", "positions_start", lambda a: scalar(30), ValueError),
+    ("linear_qk_norm_rope_store", "k_dst", lambda a: torch.zeros(16, 2, 15), ValueError),
+    ("linear_qk_norm_rope_store", "v_dst", lambda a: torch.zeros(15, 2, 16), ValueError),
+    ("linear_qk_norm_rope_store", "dst_start", lambda a: scalar(14), ValueError),
+    ("linear_qk_norm_rope_store", "eps", lambda a: float("nan"), ValueError),
     ("rms_norm", "x", lambda a: a["x"].to(torch.int64), TypeError),
     ("rms_norm", "weight", lambda a: torch.randn(9), ValueError),
     ("rms_norm", "weight", lambda a: a["weight"].bfloat16(), TypeError),

@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kSiluMulThreads)
   for (int i = blockIdx.x * kSiluMulThreads + threadIdx.x; i < features; i += gridDim.x * kSiluMulThreads) {
     const float g = cuda_detail::to_float(gate[i]);
     const float u = cuda_detail::to_float(up[i]);
-    out[i] = cuda_detail::from_float<T>(g / (1.f + expf(-g)) * u);
+    out[i] = cuda_detail::from_float<T>(cuda_detail::swiglu(g, u));
   }
 }
 

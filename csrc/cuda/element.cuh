@@ -33,4 +33,8 @@ __device__ __forceinline__ uint32_t pack2<__half>(float low, float high) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// SwiGLU of one feature: silu(gate) * up in fp32. The silu_mul kernel and the linear kernel's fused
+// epilogue share it, so the two paths round alike.
+__device__ __forceinline__ float swiglu(float gate, float up) { return gate / (1.f + expf(-gate)) * up; }
+
 }  // namespace orthrus::cuda_detail

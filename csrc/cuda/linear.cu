@@ -1,4 +1,5 @@
 // Launchers of the row-invariant linear kernel (linear.cuh): argument checks, split choice, dispatch.
+#include <algorithm>
 #include <cstdint>
 
 #include "linear.cuh"
@@ -8,35 +9,40 @@ namespace orthrus {
 namespace cuda_detail {
 namespace {
 
-template <typename T, int kRowGroups>
-cudaError_t launch_for_row_groups(const LinearParams& params, cudaStream_t stream) {
+template <typename T, int kRowGroups, LinearEpilogue kEpilogue, int kHeadDim>
+cudaError_t launch_for_row_groups(const LinearParams& params, int tiles, cudaStream_t stream) {
   constexpr int kSmemBytes = linear_smem_bytes<kRowGroups>();
   constexpr int kDepth = linear_weight_depth(kRowGroups);
+  auto* const kernel = linear_rows_kernel<T, kRowGroups, kDepth, kEpilogue, kHeadDim>;
   // A function attribute, not a stream operation: legal during graph capture.
-  cudaError_t status = cudaFuncSetAttribute(linear_rows_kernel<T, kRowGroups, kDepth>,
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
-  const int tiles = (params.out_features + kLinearTileRows - 1) / kLinearTileRows;
-  return launch_clustered_kernel(linear_rows_kernel<T, kRowGroups, kDepth>,
-                                 dim3(unsigned(tiles) * unsigned(params.split)), dim3(unsigned(params.split), 1, 1),
-                                 dim3(kLinearThreads), kSmemBytes, stream, params);
+  return launch_clustered_kernel(kernel, dim3(unsigned(tiles) * unsigned(params.split)),
+                                 dim3(unsigned(params.cluster_tiles * params.split), 1, 1), dim3(kLinearThreads),
+                                 kSmemBytes, stream, params);
 }
 
-template <typename T>
-cudaError_t launch_for_type(const LinearParams& params, cudaStream_t stream) {
+template <typename T, LinearEpilogue kEpilogue, int kHeadDim>
+cudaError_t launch_for_rows(const LinearParams& params, int tiles, cudaStream_t stream) {
   // Only the number of 8-row groups that hold real rows varies with `rows`; see linear.cuh for why that
   // keeps every row's bits unchanged.
   switch ((params.rows + 7) / 8) {
-    case 1: return launch_for_row_groups<T, 1>(params, stream);
-    case 2: return launch_for_row_groups<T, 2>(params, stream);
-    case 3: return launch_for_row_groups<T, 3>(params, stream);
-    case 4: return launch_for_row_groups<T, 4>(params, stream);
-    case 5: return launch_for_row_groups<T, 5>(params, stream);
-    case 6: return launch_for_row_groups<T, 6>(params, stream);
-    case 7: return launch_for_row_groups<T, 7>(params, stream);
-    case 8: return launch_for_row_groups<T, 8>(params, stream);
+    case 1: return launch_for_row_groups<T, 1, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 2: return launch_for_row_groups<T, 2, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 3: return launch_for_row_groups<T, 3, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 4: return launch_for_row_groups<T, 4, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 5: return launch_for_row_groups<T, 5, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 6: return launch_for_row_groups<T, 6, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 7: return launch_for_row_groups<T, 7, kEpilogue, kHeadDim>(params, tiles, stream);
+    case 8: return launch_for_row_groups<T, 8, kEpilogue, kHeadDim>(params, tiles, stream);
     default: return cudaErrorInvalidValue;
   }
+}
+
+template <LinearEpilogue kEpilogue, int kHeadDim = 0>
+cudaError_t launch_for_type(DType dtype, const LinearParams& params, int tiles, cudaStream_t stream) {
+  return dtype == DType::kBFloat16 ? launch_for_rows<__nv_bfloat16, kEpilogue, kHeadDim>(params, tiles, stream)
+                                   : launch_for_rows<__half, kEpilogue, kHeadDim>(params, tiles, stream);
 }
 
 // Most CTAs a launch should have. A split-K sweep on an H100 (2026-11-22, all 15 Qwen3 decode shapes,
@@ -56,37 +62,49 @@ int linear_split_for_shape(int64_t out_features, int64_t in_features) {
   return split;
 }
 
-cudaError_t linear_cuda_with_split(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
-                                   int64_t rows, int64_t out_features, int64_t in_features, int split,
-                                   cudaStream_t stream) {
-  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
-  if (rows < 0 || rows > kMaxBlockRows || out_features < 0 || out_features > INT32_MAX - kLinearTileRows)
-    return cudaErrorInvalidValue;
-  // 16-byte weight loads: every weight row must start on a 16-byte boundary.
-  if (in_features < 8 || in_features % 8 != 0 || in_features > INT32_MAX - kLinearChunkK)
-    return cudaErrorInvalidValue;
-  const int64_t chunks = (in_features + kLinearChunkK - 1) / kLinearChunkK;
-  if (split < 1 || split > kLinearMaxSplit || split > chunks) return cudaErrorInvalidValue;
-  if (rows > 1 && x_row_stride < in_features) return cudaErrorInvalidValue;
-  if (!x || !w || !y || reinterpret_cast<uintptr_t>(w) % 16 != 0) return cudaErrorInvalidValue;
-  if (reinterpret_cast<uintptr_t>(x) % 2 != 0 || reinterpret_cast<uintptr_t>(y) % 2 != 0)
-    return cudaErrorInvalidValue;
-  if (rows == 0 || out_features == 0) return cudaSuccess;
+namespace {
 
-  LinearParams params;
+// The checks every epilogue shares, and the fields they share. False for arguments out of range.
+bool make_linear_params(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t rows,
+                        int64_t weight_rows, int64_t in_features, int split, int cluster_tiles,
+                        LinearParams& params) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
+  if (rows < 0 || rows > kMaxBlockRows || weight_rows < 0 || weight_rows > INT32_MAX - kLinearTileRows) return false;
+  // 16-byte weight loads: every weight row must start on a 16-byte boundary.
+  if (in_features < 8 || in_features % 8 != 0 || in_features > INT32_MAX - kLinearChunkK) return false;
+  const int64_t chunks = (in_features + kLinearChunkK - 1) / kLinearChunkK;
+  if (split < 1 || split * cluster_tiles > kLinearMaxSplit || split > chunks) return false;
+  if (rows > 1 && x_row_stride < in_features) return false;
+  if (!x || !w || reinterpret_cast<uintptr_t>(w) % 16 != 0 || reinterpret_cast<uintptr_t>(x) % 2 != 0) return false;
+  params = LinearParams{};
   params.x = x;
   params.x_row_stride = x_row_stride;
   params.w = w;
-  params.y = y;
   params.rows = int(rows);
-  params.out_features = int(out_features);
+  params.out_features = int(weight_rows);
   params.in_features = int(in_features);
   params.chunks = int(chunks);
   params.split = split;
+  params.cluster_tiles = cluster_tiles;
   params.x_vector_loads = reinterpret_cast<uintptr_t>(x) % 16 == 0 && x_row_stride % 8 == 0;
+  return true;
+}
+
+}  // namespace
+
+cudaError_t linear_cuda_with_split(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
+                                   int64_t rows, int64_t out_features, int64_t in_features, int split,
+                                   cudaStream_t stream) {
+  LinearParams params;
+  if (!make_linear_params(dtype, x, x_row_stride, w, rows, out_features, in_features, split, 1, params) || !y ||
+      reinterpret_cast<uintptr_t>(y) % 2 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || out_features == 0) return cudaSuccess;
+  params.y = y;
   params.y_vector_stores = reinterpret_cast<uintptr_t>(y) % 8 == 0 && out_features % 4 == 0;
-  return dtype == DType::kBFloat16 ? launch_for_type<__nv_bfloat16>(params, stream)
-                                   : launch_for_type<__half>(params, stream);
+  const int tiles = int((out_features + kLinearTileRows - 1) / kLinearTileRows);
+  return launch_for_type<LinearEpilogue::kStore>(dtype, params, tiles, stream);
 }
 
 }  // namespace cuda_detail
@@ -107,6 +125,54 @@ cudaError_t linear_cuda(DType dtype, const void* x, int64_t x_row_stride, const 
   return cuda_detail::linear_cuda_with_split(dtype, x, x_row_stride, w, y, rows, out_features, in_features,
                                              cuda_detail::linear_split_for_shape(out_features, in_features),
                                              stream);
+}
+
+cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
+                                 int64_t rows, int64_t features, int64_t in_features, cudaStream_t stream) {
+  using namespace cuda_detail;
+  // The split of the plain linear over the same weights: the same sums, so the same bits.
+  const int split = linear_split_for_shape(2 * features, in_features);
+  LinearParams params;
+  if (features < 0 || features > INT32_MAX / 2 ||
+      !make_linear_params(dtype, x, x_row_stride, w, rows, 2 * features, in_features, split, 1, params) || !y ||
+      reinterpret_cast<uintptr_t>(y) % 2 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || features == 0) return cudaSuccess;
+  params.y = y;
+  params.features = int(features);
+  params.y_vector_stores = reinterpret_cast<uintptr_t>(y) % 8 == 0 && features % 4 == 0;
+  const int tiles = int((features + kLinearTileRows / 2 - 1) / (kLinearTileRows / 2));
+  return launch_for_type<LinearEpilogue::kSiluMul>(dtype, params, tiles, stream);
+}
+
+cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w,
+                                           int64_t rows, int64_t in_features, const void* q_norm_weight,
+                                           const void* k_norm_weight, const float* rope_cos_sin,
+                                           const int32_t* positions_start, void* q_out, void* k_dst, void* v_dst,
+                                           const int32_t* dst_start, int64_t q_heads, int64_t kv_heads,
+                                           int64_t head_dim, float eps, cudaStream_t stream) {
+  using namespace cuda_detail;
+  if (head_dim != 64 && head_dim != 128) return cudaErrorInvalidValue;
+  HeadNormRopeTargets heads;
+  if (!make_head_norm_rope_targets(q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, q_out, k_dst, v_dst,
+                                   dst_start, q_heads, kv_heads, eps, heads)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t weight_rows = (q_heads + 2 * kv_heads) * head_dim;
+  const int cluster_tiles = int(head_dim / kLinearTileRows);
+  // The plain linear's split while a cluster of whole heads stays portable (up to 4 ranks at head_dim
+  // 128: every Qwen3 shape), so the sums match it bit for bit.
+  const int split = std::min(linear_split_for_shape(weight_rows, in_features), kLinearMaxSplit / cluster_tiles);
+  LinearParams params;
+  if (!make_linear_params(dtype, x, x_row_stride, w, rows, weight_rows, in_features, split, cluster_tiles, params)) {
+    return cudaErrorInvalidValue;
+  }
+  params.heads = heads;
+  if (rows == 0) return cudaSuccess;
+  const int tiles = int(weight_rows / kLinearTileRows);
+  return head_dim == 64 ? launch_for_type<LinearEpilogue::kHeadNormRope, 64>(dtype, params, tiles, stream)
+                        : launch_for_type<LinearEpilogue::kHeadNormRope, 128>(dtype, params, tiles, stream);
 }
 
 }  // namespace orthrus

@@ -25,6 +25,7 @@
 
 #include "element.cuh"
 #include "launch.cuh"
+#include "norm_rope.cuh"
 #include "orthrus/kernels.h"
 
 namespace orthrus::cuda_detail {
@@ -46,6 +47,17 @@ constexpr int kLinearXPitch = kLinearChunkK + 32;
 constexpr int kLinearPartialPitch = kLinearTileRows + 4;
 constexpr int kLinearMaxSplit = 8;  // portable cluster size
 
+// What the kernel does with its output tile once the K sums are complete. The fused forms give every
+// output the bits the plain linear and the separate kernel would give it (same sums, same rounding, same
+// device functions), one launch and one dependency fewer in the decode chain.
+enum class LinearEpilogue {
+  kStore,    // y = x w^T
+  kSiluMul,  // w = [gate | up] (2 * features rows): y[:, i] = swiglu(gate_i, up_i), as silu_mul
+  // w = the fused [q | k | v] projection: its heads go through qk_norm_rope_store's math to its targets;
+  // y is not written. A cluster holds whole heads: head_dim / kLinearTileRows tiles.
+  kHeadNormRope,
+};
+
 struct LinearParams {
   const void* x;
   int64_t x_row_stride;  // elements
@@ -55,9 +67,12 @@ struct LinearParams {
   int out_features;
   int in_features;
   int chunks;  // ceil(in_features / kLinearChunkK)
-  int split;   // cluster size: CTAs sharing one output tile, each summing a contiguous run of chunks
+  int split;   // CTAs sharing one output tile, each summing a contiguous run of chunks
+  int cluster_tiles;     // output tiles per cluster (the cluster has cluster_tiles * split CTAs)
+  int features;          // kSiluMul: the number of outputs (half the weight rows)
   bool x_vector_loads;   // x and its row stride allow 16-byte copies
-  bool y_vector_stores;  // y and out_features allow 8-byte stores of 4 outputs
+  bool y_vector_stores;  // y and its row length allow 8-byte stores of 4 outputs
+  HeadNormRopeTargets heads;  // kHeadNormRope
 };
 
 // Chunks of weights each warp keeps in flight (registers). Two fit the 128-register budget of two CTAs per
@@ -153,9 +168,10 @@ __device__ __forceinline__ void stage_x_chunk(const LinearParams& p, int chunk, 
   }
 }
 
-// Grid: one cluster of p.split CTAs per 64-row output tile. Each CTA: 4 warps along N (16 weight rows
-// each) x 2 warps along K (the two 128-wide halves of every 256-wide chunk).
-template <typename T, int kRowGroups, int kDepth>
+// Grid: p.split CTAs per 64-row output tile, in clusters of p.cluster_tiles tiles. Each CTA: 4 warps along
+// N (16 weight rows each) x 2 warps along K (the two 128-wide halves of every 256-wide chunk). kHeadDim is
+// the head size for kHeadNormRope, else 0.
+template <typename T, int kRowGroups, int kDepth, LinearEpilogue kEpilogue, int kHeadDim>
 __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const LinearParams p) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char linear_smem[];
@@ -164,7 +180,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
 
   allow_next_kernel_launch();
   const cg::cluster_group cluster = cg::this_cluster();
-  const int rank = int(cluster.block_rank());
+  const int rank = int(cluster.block_rank()) % p.split;  // this CTA's run of chunks
   const int tile = int(blockIdx.x) / p.split;
   const int warp = int(threadIdx.x) / 32;
   const int lane = int(threadIdx.x) % 32;
@@ -176,11 +192,25 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   const int chunk_begin = int(int64_t(rank) * p.chunks / p.split);
   const int chunk_end = int(int64_t(rank + 1) * p.chunks / p.split);
 
+  // The weight row behind column `column` of this CTA's output tile, or -1 past the end. kSiluMul tiles
+  // hold 32 gate rows then the 32 up rows of the same features.
+  auto weight_row = [&](int column) -> int64_t {
+    if constexpr (kEpilogue == LinearEpilogue::kSiluMul) {
+      constexpr int kFeatures = kLinearTileRows / 2;
+      const int64_t feature = int64_t(tile) * kFeatures + column % kFeatures;
+      return feature < p.features ? feature + (column < kFeatures ? 0 : p.features) : -1;
+    } else {
+      const int64_t row = int64_t(tile) * kLinearTileRows + column;
+      return row < p.out_features ? row : -1;
+    }
+  };
   // This lane's two weight rows: the fragment rows `group` and `group + 8` of the warp's 16.
-  const int64_t weight_row = int64_t(tile) * kLinearTileRows + warp_n * kLinearWarpRows + group;
   const T* const w = static_cast<const T*>(p.w);
-  const bool row_valid[2] = {weight_row < p.out_features, weight_row + 8 < p.out_features};
-  const T* const row_pointer[2] = {w + weight_row * p.in_features, w + (weight_row + 8) * p.in_features};
+  const int64_t rows_of_lane[2] = {weight_row(warp_n * kLinearWarpRows + group),
+                                   weight_row(warp_n * kLinearWarpRows + group + 8)};
+  const bool row_valid[2] = {rows_of_lane[0] >= 0, rows_of_lane[1] >= 0};
+  const T* const row_pointer[2] = {w + (row_valid[0] ? rows_of_lane[0] : 0) * p.in_features,
+                                   w + (row_valid[1] ? rows_of_lane[1] : 0) * p.in_features};
 
   // Within a 32-wide block the lane holds k = 8 * quad + 0..7 of both rows; MMA step s of the block uses
   // k = 8 * quad + 4 * s + 0..3. This permutes k inside the block identically for w and x (the fragment
@@ -259,6 +289,17 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     }
   }
 
+  // kHeadNormRope: this warp's first block row, and what finishing its head needs from memory, requested
+  // now so that the loads overlap the exchange of partial sums.
+  [[maybe_unused]] const int head = tile / p.cluster_tiles;
+  [[maybe_unused]] const int head_row_step = p.cluster_tiles * p.split * (kLinearThreads / 32);
+  [[maybe_unused]] const int head_first_row = int(cluster.block_rank()) + p.cluster_tiles * p.split * warp;
+  using Finish = std::conditional_t<kEpilogue == LinearEpilogue::kHeadNormRope, HeadFinish<T, kHeadDim>, int>;
+  Finish head_finish{};
+  if constexpr (kEpilogue == LinearEpilogue::kHeadNormRope) {
+    if (head_first_row < p.rows) head_finish = HeadFinish<T, kHeadDim>(p.heads, head_first_row, head, lane);
+  }
+
   // Accumulator element i of group g: x row 8g + 2*quad + (i & 1), tile column warp_n*16 + group + 8*(i >> 1).
   float* const partial = reinterpret_cast<float*>(linear_smem);
   auto partial_index = [&](int g, int i) {
@@ -282,36 +323,81 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   // Publishes every rank's partial tile to the cluster.
   cluster.sync();
 
-  // Each rank finishes a slice of the tile: the sum over ranks runs in rank order for every output.
-  constexpr int kQuadsPerRow = kLinearTileRows / 4;
-  T* const y = static_cast<T*>(p.y);
-  const int64_t tile_column = int64_t(tile) * kLinearTileRows;
-  for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
-       item += p.split * kLinearThreads) {
-    const int row = item / kQuadsPerRow;
-    const int column = (item % kQuadsPerRow) * 4;
-    const int offset = row * kLinearPartialPitch + column;
-    float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, 0) + offset);
+  // The complete sums: every output adds the ranks' partials in rank order.
+  auto rank_sum = [&](int tile_in_cluster, int offset) {
+    const int first = tile_in_cluster * p.split;
+    float4 sum = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, first) + offset);
     for (int source = 1; source < p.split; ++source) {
-      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, source) + offset);
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(partial, first + source) + offset);
       sum.x += v.x;
       sum.y += v.y;
       sum.z += v.z;
       sum.w += v.w;
     }
-    const int64_t n = tile_column + column;
-    T* const out = y + int64_t(row) * p.out_features + n;
-    if (p.y_vector_stores && n + 4 <= p.out_features) {
+    return sum;
+  };
+  T* const y = static_cast<T*>(p.y);
+  // Stores 4 consecutive outputs of a row of y whose length is `width`.
+  auto store_four = [&](int row, int64_t n, int64_t width, const float (&values)[4]) {
+    T* const out = y + int64_t(row) * width + n;
+    if (p.y_vector_stores && n + 4 <= width) {
       uint2 packed;
-      packed.x = pack2<T>(sum.x, sum.y);
-      packed.y = pack2<T>(sum.z, sum.w);
+      packed.x = pack2<T>(values[0], values[1]);
+      packed.y = pack2<T>(values[2], values[3]);
       *reinterpret_cast<uint2*>(out) = packed;
     } else {
-      const float values[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        if (n + j < p.out_features) out[j] = from_float<T>(values[j]);
+        if (n + j < width) out[j] = from_float<T>(values[j]);
       }
+    }
+  };
+  // Rounded as the plain linear would store it.
+  auto rounded = [](float value) { return to_float(from_float<T>(value)); };
+
+  if constexpr (kEpilogue == LinearEpilogue::kStore) {
+    // Each rank finishes a slice of the tile, 4 outputs per item.
+    constexpr int kQuadsPerRow = kLinearTileRows / 4;
+    for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
+         item += p.split * kLinearThreads) {
+      const int row = item / kQuadsPerRow;
+      const int column = (item % kQuadsPerRow) * 4;
+      const float4 sum = rank_sum(0, row * kLinearPartialPitch + column);
+      const float values[4] = {sum.x, sum.y, sum.z, sum.w};
+      store_four(row, int64_t(tile) * kLinearTileRows + column, p.out_features, values);
+    }
+  } else if constexpr (kEpilogue == LinearEpilogue::kSiluMul) {
+    constexpr int kFeatures = kLinearTileRows / 2;
+    constexpr int kQuadsPerRow = kFeatures / 4;
+    for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
+         item += p.split * kLinearThreads) {
+      const int row = item / kQuadsPerRow;
+      const int column = (item % kQuadsPerRow) * 4;
+      const float4 gate = rank_sum(0, row * kLinearPartialPitch + column);
+      const float4 up = rank_sum(0, row * kLinearPartialPitch + kFeatures + column);
+      const float values[4] = {swiglu(rounded(gate.x), rounded(up.x)), swiglu(rounded(gate.y), rounded(up.y)),
+                               swiglu(rounded(gate.z), rounded(up.z)), swiglu(rounded(gate.w), rounded(up.w))};
+      store_four(row, int64_t(tile) * kFeatures + column, p.features, values);
+    }
+  } else {
+    // One warp per block row finishes the cluster's head; rows go round the cluster's warps. The first
+    // row's targets were loaded before the partial sums were exchanged.
+    static_assert(kHeadDim % kLinearTileRows == 0, "a head is whole tiles");
+    auto head_value = [&](int row, int index) {
+      const int column = index % kLinearTileRows;
+      const float4 sum = rank_sum(index / kLinearTileRows, row * kLinearPartialPitch + (column & ~3));
+      const int lane_of_four = column & 3;
+      return rounded(lane_of_four == 0 ? sum.x : lane_of_four == 1 ? sum.y : lane_of_four == 2 ? sum.z : sum.w);
+    };
+    for (int row = head_first_row; row < p.rows; row += head_row_step) {
+      if (row != head_first_row) head_finish = HeadFinish<T, kHeadDim>(p.heads, row, head, lane);
+      HeadSlice<kHeadDim> slice;
+#pragma unroll
+      for (int i = 0; i < HeadSlice<kHeadDim>::kPairs; ++i) {
+        slice.low[i] = head_value(row, HeadSlice<kHeadDim>::low_index(lane, i));
+        slice.high[i] = head_value(row, HeadSlice<kHeadDim>::kHalf + HeadSlice<kHeadDim>::low_index(lane, i));
+      }
+      head_finish.store(slice, p.heads.eps, lane);
     }
   }
   // No CTA may leave while another still reads its shared memory.

@@ -21,7 +21,7 @@ cudaError_t launch_rms_norm(void* x, int64_t x_row_stride, const void* delta, co
 template <typename T, int kHeadDim>
 cudaError_t launch_qk_norm_rope_store(const cuda_detail::QkNormRopeParams& params, cudaStream_t stream) {
   using namespace cuda_detail;
-  const int items = params.rows * (params.q_heads + params.kv_heads);
+  const int items = params.rows * (params.targets.q_heads + params.targets.kv_heads);
   return launch_kernel(qk_norm_rope_store_kernel<T, kHeadDim>, dim3((items + kQkNormWarps - 1) / kQkNormWarps),
                        dim3(kQkNormWarps * 32), 0, stream, params);
 }
@@ -68,33 +68,22 @@ cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_st
                                     cudaStream_t stream) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
   if (rows < 1 || rows > kMaxBlockRows || (head_dim != 64 && head_dim != 128)) return cudaErrorInvalidValue;
-  if (q_heads < 1 || kv_heads < 1 || q_heads > 1024 || kv_heads > 1024) return cudaErrorInvalidValue;
   if (q_row_stride < q_heads * head_dim || k_row_stride < kv_heads * head_dim || v_row_stride < kv_heads * head_dim) {
     return cudaErrorInvalidValue;
   }
-  if (!q || !k || !v || !q_norm_weight || !k_norm_weight || !rope_cos_sin || !positions_start || !q_out || !k_dst ||
-      !v_dst || !dst_start) {
+  if (!q || !k || !v) return cudaErrorInvalidValue;
+  cuda_detail::QkNormRopeParams params;
+  if (!cuda_detail::make_head_norm_rope_targets(q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, q_out,
+                                                k_dst, v_dst, dst_start, q_heads, kv_heads, eps, params.targets)) {
     return cudaErrorInvalidValue;
   }
-  cuda_detail::QkNormRopeParams params;
   params.q = q;
   params.q_row_stride = q_row_stride;
   params.k = k;
   params.k_row_stride = k_row_stride;
   params.v = v;
   params.v_row_stride = v_row_stride;
-  params.q_norm_weight = q_norm_weight;
-  params.k_norm_weight = k_norm_weight;
-  params.rope_cos_sin = rope_cos_sin;
-  params.positions_start = positions_start;
-  params.q_out = q_out;
-  params.k_dst = k_dst;
-  params.v_dst = v_dst;
-  params.dst_start = dst_start;
   params.rows = int(rows);
-  params.q_heads = int(q_heads);
-  params.kv_heads = int(kv_heads);
-  params.eps = eps;
   if (dtype == DType::kBFloat16) return launch_qk_norm_rope_store_for_head_dim<__nv_bfloat16>(params, head_dim, stream);
   return launch_qk_norm_rope_store_for_head_dim<__half>(params, head_dim, stream);
 }

@@ -100,6 +100,38 @@ __global__ void __launch_bounds__(kRmsNormThreads)
   }
 }
 
+// Where normalised, rotated heads go: the outputs of qk_norm_rope_store, shared with the fused qkv
+// projection (linear.cuh), which produces the same heads from its own sums.
+struct HeadNormRopeTargets {
+  const void* q_norm_weight;
+  const void* k_norm_weight;
+  const float* rope_cos_sin;  // [max_positions, head_dim]: cos | sin
+  const int32_t* positions_start;
+  void* q_out;  // [rows, q_heads, head_dim]
+  void* k_dst;  // [dst_rows, kv_heads, head_dim]
+  void* v_dst;
+  const int32_t* dst_start;
+  int q_heads;
+  int kv_heads;
+  float eps;
+};
+
+// Fills `targets` from qk_norm_rope_store's arguments (orthrus/kernels.h); false when a head count or a
+// pointer is out of range.
+inline bool make_head_norm_rope_targets(const void* q_norm_weight, const void* k_norm_weight,
+                                        const float* rope_cos_sin, const int32_t* positions_start, void* q_out,
+                                        void* k_dst, void* v_dst, const int32_t* dst_start, int64_t q_heads,
+                                        int64_t kv_heads, float eps, HeadNormRopeTargets& targets) {
+  if (q_heads < 1 || kv_heads < 1 || q_heads > 1024 || kv_heads > 1024) return false;
+  if (!q_norm_weight || !k_norm_weight || !rope_cos_sin || !positions_start || !q_out || !k_dst || !v_dst ||
+      !dst_start) {
+    return false;
+  }
+  targets = {q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, q_out,
+             k_dst,         v_dst,         dst_start,    int(q_heads),    int(kv_heads), eps};
+  return true;
+}
+
 struct QkNormRopeParams {
   const void* q;
   int64_t q_row_stride;
@@ -107,79 +139,119 @@ struct QkNormRopeParams {
   int64_t k_row_stride;
   const void* v;
   int64_t v_row_stride;
-  const void* q_norm_weight;
-  const void* k_norm_weight;
-  const float* rope_cos_sin;  // [max_positions, head_dim]: cos | sin
-  const int32_t* positions_start;
-  void* q_out;
-  void* k_dst;
-  void* v_dst;
-  const int32_t* dst_start;
   int rows;
-  int q_heads;
-  int kv_heads;
-  float eps;
+  HeadNormRopeTargets targets;
 };
 
-// One warp per (row, head); heads [0, q_heads) are query heads, the rest key heads (whose warp also
-// copies the value head). Lane l holds the rotary pairs (i, i + head_dim / 2) for
+// One warp's share of one head: lane l holds the rotary pairs (i, i + head_dim / 2) for
 // i in [l * kPairs, (l + 1) * kPairs).
+template <int kHeadDim>
+struct HeadSlice {
+  static constexpr int kHalf = kHeadDim / 2;
+  static constexpr int kPairs = kHalf / 32;
+  float low[kPairs];
+  float high[kPairs];
+
+  __device__ __forceinline__ static int low_index(int lane, int i) { return lane * kPairs + i; }
+};
+
+// What one lane needs, besides the head's values, to finish head `head` (query heads first, then key
+// heads, then value heads) of block row `row`: where it goes and, for q and k heads, the lane's norm
+// weights and rotation. Loading it is separate from the math so that a caller can issue these loads early.
+template <typename T, int kHeadDim>
+struct HeadFinish {
+  using Slice = HeadSlice<kHeadDim>;
+  T* dst;
+  bool rotate;  // false: a value head, stored as it is
+  float weight_low[Slice::kPairs];
+  float weight_high[Slice::kPairs];
+  float cos_value[Slice::kPairs];
+  float sin_value[Slice::kPairs];
+
+  HeadFinish() = default;
+  __device__ __forceinline__ HeadFinish(const HeadNormRopeTargets& t, int row, int head, int lane) {
+    const bool is_query = head < t.q_heads;
+    const int kv_head = is_query ? 0 : (head - t.q_heads) % t.kv_heads;
+    rotate = head < t.q_heads + t.kv_heads;
+    dst = is_query ? static_cast<T*>(t.q_out) + (size_t(row) * t.q_heads + head) * kHeadDim
+                   : static_cast<T*>(rotate ? t.k_dst : t.v_dst) +
+                         (size_t(t.dst_start[0] + row) * t.kv_heads + kv_head) * kHeadDim;
+    if (!rotate) return;
+    const T* const norm_weight = static_cast<const T*>(is_query ? t.q_norm_weight : t.k_norm_weight);
+    const float* const cos_sin = t.rope_cos_sin + size_t(t.positions_start[0] + row) * kHeadDim;
+#pragma unroll
+    for (int i = 0; i < Slice::kPairs; ++i) {
+      const int index = Slice::low_index(lane, i);
+      weight_low[i] = to_float(norm_weight[index]);
+      weight_high[i] = to_float(norm_weight[Slice::kHalf + index]);
+      cos_value[i] = cos_sin[index];
+      sin_value[i] = cos_sin[Slice::kHalf + index];
+    }
+  }
+
+  // RMS-normalises and rotates q and k heads (at position positions_start[0] + row), then stores the
+  // head. Every lane of the warp must call it: the norm is a butterfly over the warp.
+  __device__ __forceinline__ void store(const Slice& slice, float eps, int lane) const {
+    if (!rotate) {
+#pragma unroll
+      for (int i = 0; i < Slice::kPairs; ++i) {
+        const int index = Slice::low_index(lane, i);
+        dst[index] = from_float<T>(slice.low[i]);
+        dst[Slice::kHalf + index] = from_float<T>(slice.high[i]);
+      }
+      return;
+    }
+    float sum_squares = 0.f;
+#pragma unroll
+    for (int i = 0; i < Slice::kPairs; ++i) {
+      sum_squares += slice.low[i] * slice.low[i];
+      sum_squares += slice.high[i] * slice.high[i];
+    }
+    // A butterfly leaves the same bits in every lane: each step adds the same two values, commuted.
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, offset);
+    const float inverse_rms = rsqrtf(sum_squares / float(kHeadDim) + eps);
+#pragma unroll
+    for (int i = 0; i < Slice::kPairs; ++i) {
+      const int index = Slice::low_index(lane, i);
+      const float a = slice.low[i] * inverse_rms * weight_low[i];
+      const float b = slice.high[i] * inverse_rms * weight_high[i];
+      dst[index] = from_float<T>(a * cos_value[i] - b * sin_value[i]);
+      dst[Slice::kHalf + index] = from_float<T>(b * cos_value[i] + a * sin_value[i]);
+    }
+  }
+};
+
+// One warp per (row, head) over the q and k heads; a key head's warp also copies the value head.
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kQkNormWarps * 32) qk_norm_rope_store_kernel(const QkNormRopeParams p) {
-  constexpr int kHalf = kHeadDim / 2;
-  constexpr int kPairs = kHalf / 32;
+  using Slice = HeadSlice<kHeadDim>;
   allow_next_kernel_launch();
   wait_for_previous_kernels();
+  const HeadNormRopeTargets& t = p.targets;
   const int lane = threadIdx.x % 32;
-  const int heads = p.q_heads + p.kv_heads;
+  const int heads = t.q_heads + t.kv_heads;
   const int item = blockIdx.x * kQkNormWarps + threadIdx.x / 32;
   if (item >= p.rows * heads) return;
   const int row = item / heads;
   const int head = item % heads;
-  const bool is_query = head < p.q_heads;
-  const int kv_head = head - p.q_heads;
+  const bool is_query = head < t.q_heads;
+  const int kv_head = head - t.q_heads;
 
-  const T* const src = is_query ? static_cast<const T*>(p.q) + size_t(row) * p.q_row_stride + size_t(head) * kHeadDim
-                                : static_cast<const T*>(p.k) + size_t(row) * p.k_row_stride + size_t(kv_head) * kHeadDim;
-  const T* const norm_weight = static_cast<const T*>(is_query ? p.q_norm_weight : p.k_norm_weight);
-
-  float low[kPairs], high[kPairs];
-  float sum_squares = 0.f;
+  auto load_head = [&](const void* base, int64_t row_stride, int index) {
+    const T* const src = static_cast<const T*>(base) + size_t(row) * row_stride + size_t(index) * kHeadDim;
+    Slice slice;
 #pragma unroll
-  for (int i = 0; i < kPairs; ++i) {
-    low[i] = to_float(src[lane * kPairs + i]);
-    high[i] = to_float(src[kHalf + lane * kPairs + i]);
-    sum_squares += low[i] * low[i];
-    sum_squares += high[i] * high[i];
-  }
-  // A butterfly leaves the same bits in every lane: each step adds the same two values, commuted.
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, offset);
-  const float inverse_rms = rsqrtf(sum_squares / float(kHeadDim) + p.eps);
-
-  const int position = p.positions_start[0] + row;
-  const float* const cos_sin = p.rope_cos_sin + size_t(position) * kHeadDim;
-  T* dst;
-  if (is_query) {
-    dst = static_cast<T*>(p.q_out) + (size_t(row) * p.q_heads + head) * kHeadDim;
-  } else {
-    dst = static_cast<T*>(p.k_dst) + (size_t(p.dst_start[0] + row) * p.kv_heads + kv_head) * kHeadDim;
-  }
-#pragma unroll
-  for (int i = 0; i < kPairs; ++i) {
-    const int index = lane * kPairs + i;
-    const float a = low[i] * inverse_rms * to_float(norm_weight[index]);
-    const float b = high[i] * inverse_rms * to_float(norm_weight[kHalf + index]);
-    const float cos_value = cos_sin[index];
-    const float sin_value = cos_sin[kHalf + index];
-    dst[index] = from_float<T>(a * cos_value - b * sin_value);
-    dst[kHalf + index] = from_float<T>(b * cos_value + a * sin_value);
-  }
+    for (int i = 0; i < Slice::kPairs; ++i) {
+      slice.low[i] = to_float(src[Slice::low_index(lane, i)]);
+      slice.high[i] = to_float(src[Slice::kHalf + Slice::low_index(lane, i)]);
+    }
+    return slice;
+  };
+  HeadFinish<T, kHeadDim>(t, row, head, lane)
+      .store(is_query ? load_head(p.q, p.q_row_stride, head) : load_head(p.k, p.k_row_stride, kv_head), t.eps, lane);
   if (!is_query) {
-    const T* const v_src = static_cast<const T*>(p.v) + size_t(row) * p.v_row_stride + size_t(kv_head) * kHeadDim;
-    T* const v_dst = static_cast<T*>(p.v_dst) + (size_t(p.dst_start[0] + row) * p.kv_heads + kv_head) * kHeadDim;
-#pragma unroll
-    for (int i = lane; i < kHeadDim; i += 32) v_dst[i] = v_src[i];
+    HeadFinish<T, kHeadDim>(t, row, head + t.kv_heads, lane).store(load_head(p.v, p.v_row_stride, kv_head), t.eps, lane);
   }
 }
 

@@ -139,8 +139,16 @@ at::Tensor cuda_workspace(size_t bytes, c10::Device device) {
 
 // ---- ops -------------------------------------------------------------------------------------------------
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
-  const c10::Device device = checked_device(x, "x");
+struct LinearShape {
+  DType dtype;
+  int64_t rows;
+  int64_t in_features;
+  int64_t out_features;
+  int64_t x_row_stride;
+};
+
+// The checks every linear form shares: x [rows, in_features] (any row stride), weight [out, in] packed.
+LinearShape checked_linear_arguments(const at::Tensor& x, const at::Tensor& weight, c10::Device device) {
   check_device(weight, "weight", device);
   const DType dtype = kernel_dtype(x, "x");
   check_dtype(weight, "weight", x.scalar_type());
@@ -155,7 +163,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   // x may be any row-strided view (the kernel falls back to element copies); w is read 16 bytes at a time.
   const int64_t x_row_stride = checked_row_stride(x, "x");
   check_cuda_alignment(weight, "weight", in_features);
+  return {dtype, rows, in_features, out_features, x_row_stride};
+}
 
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
+  const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (device.is_cpu()) {
     orthrus::linear_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows, out_features,
@@ -170,6 +183,28 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
                                   out_features, in_features, workspace_bytes ? workspace.data_ptr() : nullptr,
                                   workspace_bytes, c10::cuda::getCurrentCUDAStream()),
              "linear");
+#endif
+  return y;
+}
+
+// silu_mul(linear(x, weight)) for weight = [gate | up] rows.
+at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& weight) {
+  const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
+  TORCH_CHECK_VALUE(out_features % 2 == 0, "weight must have an even number of rows ([gate | up]), got shape ",
+                    weight.sizes());
+  const int64_t features = out_features / 2;
+  at::Tensor y = at::empty({rows, features}, x.options());
+  if (device.is_cpu()) {
+    orthrus::linear_silu_mul_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows, features,
+                                 in_features);
+    return y;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::linear_silu_mul_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows,
+                                           features, in_features, c10::cuda::getCurrentCUDAStream()),
+             "linear_silu_mul");
 #endif
   return y;
 }
@@ -268,7 +303,66 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return y;
 }
 
-// q, k, v: [rows, heads, head_dim] row-strided views; k_dst / v_dst: [dst_rows, kv_heads, head_dim].
+// Where qk_norm_rope_store's heads go: per-head norm weights, the RoPE table and the k / v destinations
+// ([dst_rows, kv_heads, head_dim]), for values of `anchor`'s dtype on `device`.
+struct HeadTargets {
+  const at::Tensor& q_norm_weight;
+  const at::Tensor& k_norm_weight;
+  const at::Tensor& rope_cos_sin;
+  const at::Tensor& positions_start;
+  const at::Tensor& k_dst;
+  const at::Tensor& v_dst;
+  const at::Tensor& dst_start;
+  double eps;
+};
+
+void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const char* anchor_name, int64_t kv_heads,
+                        int64_t head_dim, c10::Device device) {
+  const std::pair<const at::Tensor*, const char*> same_dtype[] = {{&t.q_norm_weight, "q_norm_weight"},
+                                                                 {&t.k_norm_weight, "k_norm_weight"},
+                                                                 {&t.k_dst, "k_dst"},
+                                                                 {&t.v_dst, "v_dst"}};
+  for (const auto& [tensor, name] : same_dtype) {
+    check_device(*tensor, name, device);
+    TORCH_CHECK_TYPE(tensor->scalar_type() == anchor.scalar_type(), name, " must be ", anchor.scalar_type(),
+                     " like ", anchor_name, ", got ", tensor->scalar_type());
+  }
+  check_device(t.rope_cos_sin, "rope_cos_sin", device);
+  check_dtype(t.rope_cos_sin, "rope_cos_sin", at::kFloat);
+  check_scalar_tensor(t.positions_start, "positions_start", at::kInt, device);
+  check_scalar_tensor(t.dst_start, "dst_start", at::kInt, device);
+  for (const auto& [tensor, name] : {std::pair{&t.q_norm_weight, "q_norm_weight"}, {&t.k_norm_weight, "k_norm_weight"}}) {
+    check_dim(*tensor, name, 1);
+    check_size(*tensor, name, 0, head_dim, "head_dim");
+    check_contiguous(*tensor, name);
+  }
+  check_dim(t.rope_cos_sin, "rope_cos_sin", 2);
+  check_size(t.rope_cos_sin, "rope_cos_sin", 1, head_dim, "head_dim: cos in the first half, sin in the second");
+  check_contiguous(t.rope_cos_sin, "rope_cos_sin");
+  check_dim(t.k_dst, "k_dst", 3);
+  check_dim(t.v_dst, "v_dst", 3);
+  check_size(t.k_dst, "k_dst", 1, kv_heads, "kv_heads");
+  check_size(t.k_dst, "k_dst", 2, head_dim, "head_dim");
+  TORCH_CHECK_VALUE(t.v_dst.sizes() == t.k_dst.sizes(), "v_dst must have the shape of k_dst ", t.k_dst.sizes(),
+                    ", got ", t.v_dst.sizes());
+  check_contiguous(t.k_dst, "k_dst");
+  check_contiguous(t.v_dst, "v_dst");
+  check_finite(t.eps, "eps");
+  TORCH_CHECK_VALUE(t.eps >= 0, "eps must be non-negative, got ", t.eps);
+  check_cuda_alignment(t.k_dst, "k_dst", kv_heads * head_dim);
+  check_cuda_alignment(t.v_dst, "v_dst", kv_heads * head_dim);
+}
+
+// On the CPU the device scalars are host values: the rows they address must exist.
+void check_host_positions(const HeadTargets& t, int64_t rows) {
+  const int64_t position = t.positions_start.item<int32_t>(), destination = t.dst_start.item<int32_t>();
+  TORCH_CHECK_VALUE(position >= 0 && position + rows <= t.rope_cos_sin.size(0), "positions_start = ", position,
+                    " with ", rows, " rows is outside rope_cos_sin (", t.rope_cos_sin.size(0), " positions)");
+  TORCH_CHECK_VALUE(destination >= 0 && destination + rows <= t.k_dst.size(0), "dst_start = ", destination, " with ",
+                    rows, " rows is outside k_dst / v_dst (", t.k_dst.size(0), " rows)");
+}
+
+// q, k, v: [rows, heads, head_dim] row-strided views.
 at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const at::Tensor& q_norm_weight, const at::Tensor& k_norm_weight,
                               const at::Tensor& rope_cos_sin, const at::Tensor& positions_start,
@@ -276,20 +370,11 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
                               double eps) {
   const c10::Device device = checked_device(q, "q");
   const DType dtype = kernel_dtype(q, "q");
-  const std::pair<const at::Tensor*, const char*> same_dtype[] = {
-      {&k, "k"}, {&v, "v"}, {&q_norm_weight, "q_norm_weight"}, {&k_norm_weight, "k_norm_weight"},
-      {&k_dst, "k_dst"}, {&v_dst, "v_dst"}};
-  for (const auto& [tensor, name] : same_dtype) {
+  for (const auto& [tensor, name] : {std::pair{&k, "k"}, {&v, "v"}}) {
     check_device(*tensor, name, device);
     check_dtype(*tensor, name, q.scalar_type());
   }
-  check_device(rope_cos_sin, "rope_cos_sin", device);
-  check_dtype(rope_cos_sin, "rope_cos_sin", at::kFloat);
-  check_scalar_tensor(positions_start, "positions_start", at::kInt, device);
-  check_scalar_tensor(dst_start, "dst_start", at::kInt, device);
-
-  for (const auto& [tensor, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}, {&k_dst, "k_dst"}, {&v_dst, "v_dst"}})
-    check_dim(*tensor, name, 3);
+  for (const auto& [tensor, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check_dim(*tensor, name, 3);
   const int64_t rows = q.size(0), q_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   check_rows(rows, "q", device);
   TORCH_CHECK_VALUE(q_heads >= 1 && kv_heads >= 1, "q and k need at least one head, got shapes ", q.sizes(),
@@ -299,38 +384,18 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
   check_size(k, "k", 0, rows, "rows = q.shape[0]");
   check_size(k, "k", 2, head_dim, "head_dim = q.shape[2]");
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  for (const auto& [tensor, name] : {std::pair{&q_norm_weight, "q_norm_weight"}, {&k_norm_weight, "k_norm_weight"}}) {
-    check_dim(*tensor, name, 1);
-    check_size(*tensor, name, 0, head_dim, "head_dim");
-    check_contiguous(*tensor, name);
-  }
-  check_dim(rope_cos_sin, "rope_cos_sin", 2);
-  check_size(rope_cos_sin, "rope_cos_sin", 1, head_dim, "head_dim: cos in the first half, sin in the second");
-  check_contiguous(rope_cos_sin, "rope_cos_sin");
-  check_size(k_dst, "k_dst", 1, kv_heads, "kv_heads = k.shape[1]");
-  check_size(k_dst, "k_dst", 2, head_dim, "head_dim");
-  TORCH_CHECK_VALUE(v_dst.sizes() == k_dst.sizes(), "v_dst must have the shape of k_dst ", k_dst.sizes(),
-                    ", got ", v_dst.sizes());
-  check_contiguous(k_dst, "k_dst");
-  check_contiguous(v_dst, "v_dst");
-  check_finite(eps, "eps");
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+  const HeadTargets targets{q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, k_dst, v_dst, dst_start, eps};
+  check_head_targets(targets, q, "q", kv_heads, head_dim, device);
   const int64_t q_row_stride = checked_row_stride(q, "q");
   const int64_t k_row_stride = checked_row_stride(k, "k");
   const int64_t v_row_stride = checked_row_stride(v, "v");
   check_cuda_alignment(q, "q", q_row_stride);
   check_cuda_alignment(k, "k", k_row_stride);
   check_cuda_alignment(v, "v", v_row_stride);
-  check_cuda_alignment(k_dst, "k_dst", kv_heads * head_dim);
-  check_cuda_alignment(v_dst, "v_dst", kv_heads * head_dim);
 
   at::Tensor q_out = at::empty({rows, q_heads, head_dim}, q.options());
   if (device.is_cpu()) {
-    const int64_t position = positions_start.item<int32_t>(), destination = dst_start.item<int32_t>();
-    TORCH_CHECK_VALUE(position >= 0 && position + rows <= rope_cos_sin.size(0), "positions_start = ", position,
-                      " with ", rows, " rows is outside rope_cos_sin (", rope_cos_sin.size(0), " positions)");
-    TORCH_CHECK_VALUE(destination >= 0 && destination + rows <= k_dst.size(0), "dst_start = ", destination,
-                      " with ", rows, " rows is outside k_dst / v_dst (", k_dst.size(0), " rows)");
+    check_host_positions(targets, rows);
     orthrus::qk_norm_rope_store_cpu(dtype, q.data_ptr(), q_row_stride, k.data_ptr(), k_row_stride, v.data_ptr(),
                                     v_row_stride, q_norm_weight.data_ptr(), k_norm_weight.data_ptr(),
                                     rope_cos_sin.data_ptr<float>(), positions_start.data_ptr<int32_t>(),
@@ -348,6 +413,50 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
                  dst_start.data_ptr<int32_t>(), rows, q_heads, kv_heads, head_dim, static_cast<float>(eps),
                  c10::cuda::getCurrentCUDAStream()),
              "qk_norm_rope_store");
+#endif
+  return q_out;
+}
+
+// qk_norm_rope_store of the heads of linear(x, weight), weight = the fused [q | k | v] projection; the head
+// counts come from k_dst ([dst_rows, kv_heads, head_dim]) and the weight's rows.
+at::Tensor linear_qk_norm_rope_store(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& q_norm_weight,
+                                     const at::Tensor& k_norm_weight, const at::Tensor& rope_cos_sin,
+                                     const at::Tensor& positions_start, const at::Tensor& k_dst,
+                                     const at::Tensor& v_dst, const at::Tensor& dst_start, double eps) {
+  const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
+  check_defined(k_dst, "k_dst");
+  check_dim(k_dst, "k_dst", 3);
+  const int64_t kv_heads = k_dst.size(1), head_dim = k_dst.size(2);
+  TORCH_CHECK_VALUE(kv_heads >= 1 && head_dim >= 2 && head_dim % 2 == 0,
+                    "k_dst must be [rows, kv_heads >= 1, even head_dim], got shape ", k_dst.sizes());
+  TORCH_CHECK_VALUE(out_features % head_dim == 0 && out_features / head_dim > 2 * kv_heads, "weight has ",
+                    out_features, " rows; a fused q | k | v projection of ", kv_heads, " kv heads of ", head_dim,
+                    " needs (q_heads + 2 * ", kv_heads, ") * ", head_dim, " rows with q_heads >= 1");
+  const int64_t q_heads = out_features / head_dim - 2 * kv_heads;
+  TORCH_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
+                    "the CUDA kernels take head_dim 64 or 128, got ", head_dim);
+  const HeadTargets targets{q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, k_dst, v_dst, dst_start, eps};
+  check_head_targets(targets, x, "x", kv_heads, head_dim, device);
+
+  at::Tensor q_out = at::empty({rows, q_heads, head_dim}, x.options());
+  if (device.is_cpu()) {
+    check_host_positions(targets, rows);
+    orthrus::linear_qk_norm_rope_store_cpu(
+        dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), rows, in_features, q_norm_weight.data_ptr(),
+        k_norm_weight.data_ptr(), rope_cos_sin.data_ptr<float>(), positions_start.data_ptr<int32_t>(),
+        q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(), dst_start.data_ptr<int32_t>(), q_heads, kv_heads,
+        head_dim, static_cast<float>(eps));
+    return q_out;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::linear_qk_norm_rope_store_cuda(
+                 dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), rows, in_features, q_norm_weight.data_ptr(),
+                 k_norm_weight.data_ptr(), rope_cos_sin.data_ptr<float>(), positions_start.data_ptr<int32_t>(),
+                 q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(), dst_start.data_ptr<int32_t>(), q_heads,
+                 kv_heads, head_dim, static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
+             "linear_qk_norm_rope_store");
 #endif
   return q_out;
 }
@@ -494,6 +603,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), release_gil);
   module.def("silu_mul", &silu_mul, "SwiGLU of [gate | up] rows: silu(gate) * up", py::arg("gate_up"),
              release_gil);
+  module.def("linear_silu_mul", &linear_silu_mul,
+             "silu_mul(linear(x, weight)) for weight = [gate | up] rows, bit for bit, in one kernel on CUDA",
+             py::arg("x"), py::arg("weight"), release_gil);
+  module.def("linear_qk_norm_rope_store", &linear_qk_norm_rope_store,
+             "qk_norm_rope_store of the q | k | v heads of linear(x, weight), bit for bit, in one kernel on CUDA; "
+             "returns q",
+             py::arg("x"), py::arg("weight"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
+             py::arg("rope_cos_sin"), py::arg("positions_start"), py::arg("k_dst"), py::arg("v_dst"),
+             py::arg("dst_start"), py::arg("eps"), release_gil);
   module.def("qk_norm_rope_store", &qk_norm_rope_store,
              "Per-head RMSNorm + RoPE of q and k; stores k and v at rows dst_start.. of k_dst / v_dst; returns q",
              py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),

@@ -84,6 +84,20 @@ void attention_cpu(DType dtype, const void* q, const void* k_cache, const void* 
 void silu_mul_cpu(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
                   int64_t features);
 
+// The fused forms of the decode step, bit for bit what the separate calls give:
+// linear_silu_mul: silu_mul(linear(x, w)) for w = [gate | up] ([2 * features, in_features]); y [rows, features].
+// linear_qk_norm_rope_store: qk_norm_rope_store of the q | k | v heads of linear(x, w) for the fused
+//   projection w ([(q_heads + 2 * kv_heads) * head_dim, in_features]); returns nothing but q_out, k_dst and
+//   v_dst. On CUDA, head_dim 64 or 128.
+void linear_silu_mul_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
+                         int64_t features, int64_t in_features);
+
+void linear_qk_norm_rope_store_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t rows,
+                                   int64_t in_features, const void* q_norm_weight, const void* k_norm_weight,
+                                   const float* rope_cos_sin, const int32_t* positions_start, void* q_out,
+                                   void* k_dst, void* v_dst, const int32_t* dst_start, int64_t q_heads,
+                                   int64_t kv_heads, int64_t head_dim, float eps);
+
 void accept_cpu(const int64_t* drafts, const int64_t* targets, int64_t rows, int32_t* cache_len,
                 int32_t* out_count, int64_t* next_anchor);
 
@@ -126,6 +140,16 @@ cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_st
                                     void* k_dst, void* v_dst, const int32_t* dst_start, int64_t rows,
                                     int64_t q_heads, int64_t kv_heads, int64_t head_dim, float eps,
                                     cudaStream_t stream);
+
+cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
+                                 int64_t rows, int64_t features, int64_t in_features, cudaStream_t stream);
+
+cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w,
+                                           int64_t rows, int64_t in_features, const void* q_norm_weight,
+                                           const void* k_norm_weight, const float* rope_cos_sin,
+                                           const int32_t* positions_start, void* q_out, void* k_dst, void* v_dst,
+                                           const int32_t* dst_start, int64_t q_heads, int64_t kv_heads,
+                                           int64_t head_dim, float eps, cudaStream_t stream);
 
 // `max_keys` bounds cache_len[0] + rows (the cache capacity); it sizes the grid without a host read.
 // `workspace` holds the partial results of key chunks and splits: attention_cuda_workspace_bytes(...) bytes.
