@@ -48,12 +48,13 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
   // and share it through L2. The key ranges cover the capacity in whichever schedule needs more CTAs.
   const dim3 grid(unsigned(attention_vector_tiles(params.rows, params.q_heads, kv_heads)), unsigned(kv_heads),
                   unsigned(std::max(params.num_chunks, params.split_mode_max_chunks * kAttentionSplitsPerChunk)));
-  // Both attention kernels start only once the previous kernel has finished. Launched early (PDL), their
-  // CTAs and those of the kernels after them took SMs that the long-running chunk kernel still needed: on
-  // an H100 (Qwen3-8B shape, 2026-11-22) AR at 32K context took 9.00 ms per token against 8.05 ms, at 1K
-  // 7.04 against 6.60 ms, and the B = 32 iteration at 1K 14.85 against 14.25 ms.
-  status = launch_kernel_after_previous(attention_chunk_kernel<T, kHeadDim, kWarps>, grid, dim3(kWarps * 32),
-                                        kSmemBytes, stream, params);
+  // The chunk kernel is launched early (PDL) and loads its cached K/V tiles while the projection before it
+  // finishes. The merge kernel starts only once the chunk kernel has finished: launched early, its CTAs
+  // (and those of the output projection after it) took SMs that the long-running chunk kernel still
+  // needed: on an H100 (Qwen3-8B shape, 2026-11-22) AR at 32K context took 9.00 ms per token against
+  // 8.05 ms, at 1K 7.04 against 6.60 ms, and the B = 32 iteration at 1K 14.85 against 14.25 ms.
+  status = launch_kernel(attention_chunk_kernel<T, kHeadDim, kWarps>, grid, dim3(kWarps * 32), kSmemBytes, stream,
+                         params);
   if (status != cudaSuccess) return status;
   return launch_kernel_after_previous(attention_merge_kernel<T, kHeadDim>, dim3(unsigned(params.rows * params.q_heads)),
                                       dim3(kAttentionMergeWarps * 32), 0, stream, params);

@@ -215,9 +215,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   extern __shared__ uint4 attention_smem[];
   T* const smem = reinterpret_cast<T*>(attention_smem);
 
-  // Launched after the previous kernel (attention.cu), so the merge kernel is not let in early; the wait
-  // is then a no-op, kept so the kernel stays correct under an early launch.
-  wait_for_previous_kernels();
+  // Launched early (PDL, attention.cu): until the wait below, the previous kernel (the q/k/v projection)
+  // may still be running, so only what earlier passes wrote is read before it: the length and the cached
+  // keys and values below it. Every kernel of a pass, from the first plainly launched one (the embedding
+  // gather, after the previous pass and its acceptance), reaches this launch only through early launches,
+  // and all of those passes' writes were complete before that plain launch began.
   const int vector_tile = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int cache_len = *p.cache_len;
@@ -291,9 +293,21 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   };
 
-  // Prefetch first: the query fragments below load while the first tiles are in flight.
+  // Prefetch first: tiles wholly below the cached length while the projection may still run, the rest
+  // (this pass's block keys) after the wait; the query fragments below load while they are in flight.
+  int prefetched = 0;
 #pragma unroll
   for (int s = 0; s < kAttentionStages - 1; ++s) {
+    if (s < num_tiles && range_start + (s + 1) * kAttentionTileKeys <= cache_len && prefetched == s) {
+      load_tile(s, s);
+      cp_async_commit();
+      ++prefetched;
+    }
+  }
+  wait_for_previous_kernels();
+#pragma unroll
+  for (int s = 0; s < kAttentionStages - 1; ++s) {
+    if (s < prefetched) continue;
     if (s < num_tiles) load_tile(s, s);
     cp_async_commit();
   }
