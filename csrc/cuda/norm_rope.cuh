@@ -15,6 +15,9 @@ namespace orthrus::cuda_detail {
 constexpr int kRmsNormThreads = 256;
 constexpr int kRmsNormVector = 8;  // elements per 16-byte access
 constexpr int kQkNormWarps = 4;
+// Groups a thread keeps in registers between the two passes over its row (rows of up to 8192 elements:
+// every Qwen3 hidden size); further groups are read again.
+constexpr int kRmsNormHeldGroups = 4;
 
 // One CTA per row. Thread i owns groups of kRmsNormVector consecutive elements starting at group i and
 // striding by the CTA size; the 16-byte path and the element-wise path (unaligned rows, ragged tail)
@@ -26,7 +29,6 @@ __global__ void __launch_bounds__(kRmsNormThreads)
     rms_norm_kernel(T* x, int64_t x_row_stride, const T* __restrict__ delta, const T* __restrict__ weight,
                     T* __restrict__ y, int dim, float eps, bool vector_access) {
   allow_next_kernel_launch();
-  wait_for_previous_kernels();
   T* const x_row = x + size_t(blockIdx.x) * x_row_stride;
   T* const y_row = y + size_t(blockIdx.x) * dim;
   const int groups = (dim + kRmsNormVector - 1) / kRmsNormVector;
@@ -60,9 +62,19 @@ __global__ void __launch_bounds__(kRmsNormThreads)
     }
   };
 
+  // At one row per decode step this kernel is latency-bound: the weights (constant) load before the wait
+  // for the previous kernel, and the row stays in registers between the two passes.
+  float held_weights[kRmsNormHeldGroups][kRmsNormVector];
+  float held_values[kRmsNormHeldGroups][kRmsNormVector];
+#pragma unroll
+  for (int held = 0; held < kRmsNormHeldGroups; ++held) {
+    const int group = threadIdx.x + held * kRmsNormThreads;
+    if (group < groups) load_group(weight, group, held_weights[held]);
+  }
+  wait_for_previous_kernels();
+
   float sum_squares = 0.f;
-  for (int group = threadIdx.x; group < groups; group += kRmsNormThreads) {
-    float values[kRmsNormVector];
+  auto first_pass = [&](int group, float (&values)[kRmsNormVector]) {
     load_group(x_row, group, values);
     if constexpr (kAddDelta) {
       float deltas[kRmsNormVector];
@@ -73,6 +85,15 @@ __global__ void __launch_bounds__(kRmsNormThreads)
     }
 #pragma unroll
     for (int i = 0; i < kRmsNormVector; ++i) sum_squares += values[i] * values[i];
+  };
+#pragma unroll
+  for (int held = 0; held < kRmsNormHeldGroups; ++held) {
+    const int group = threadIdx.x + held * kRmsNormThreads;
+    if (group < groups) first_pass(group, held_values[held]);
+  }
+  for (int group = threadIdx.x + kRmsNormHeldGroups * kRmsNormThreads; group < groups; group += kRmsNormThreads) {
+    float values[kRmsNormVector];
+    first_pass(group, values);
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, offset);
@@ -89,14 +110,22 @@ __global__ void __launch_bounds__(kRmsNormThreads)
   __syncthreads();
   const float scale = inverse_rms;
 
-  for (int group = threadIdx.x; group < groups; group += kRmsNormThreads) {
+  auto second_pass = [&](int group, float (&values)[kRmsNormVector], const float (&weights)[kRmsNormVector]) {
+#pragma unroll
+    for (int i = 0; i < kRmsNormVector; ++i) values[i] = values[i] * scale * weights[i];
+    store_group(y_row, group, values);
+  };
+#pragma unroll
+  for (int held = 0; held < kRmsNormHeldGroups; ++held) {
+    const int group = threadIdx.x + held * kRmsNormThreads;
+    if (group < groups) second_pass(group, held_values[held], held_weights[held]);
+  }
+  for (int group = threadIdx.x + kRmsNormHeldGroups * kRmsNormThreads; group < groups; group += kRmsNormThreads) {
     float values[kRmsNormVector];
     float weights[kRmsNormVector];
     load_group(x_row, group, values);  // with kAddDelta: this thread's own (rounded) writes above
     load_group(weight, group, weights);
-#pragma unroll
-    for (int i = 0; i < kRmsNormVector; ++i) values[i] = values[i] * scale * weights[i];
-    store_group(y_row, group, values);
+    second_pass(group, values, weights);
   }
 }
 
