@@ -10,7 +10,10 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <cstdio>
 #include <optional>
+#include <string>
+#include <type_traits>
 
 #include "orthrus/kernels.h"
 
@@ -28,8 +31,42 @@ using orthrus::kMaxBlockRows;
 
 // ---- argument checks ------------------------------------------------------------------------------------
 
+// Error messages are assembled here from text, numbers included: on the H100 image of 2026-11-22 (torch
+// 2.11+cu130, Python 3.12) formatting a number through std::ostream inside this module (as TORCH_CHECK's
+// message arguments are) crashed in libstdc++'s locale code (SIGSEGV in basic_ostream::_M_insert<long>),
+// so that a bad argument killed the interpreter instead of raising.
+std::string message_piece(const char* text) { return text; }
+std::string message_piece(const std::string& text) { return text; }
+std::string message_piece(c10::ScalarType type) { return c10::toString(type); }
+std::string message_piece(const c10::Device& device) { return device.str(); }
+std::string message_piece(double value) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", value);
+  return buffer;
+}
+template <typename Integer, std::enable_if_t<std::is_integral_v<Integer>, int> = 0>
+std::string message_piece(Integer value) {
+  return std::to_string(value);
+}
+std::string message_piece(at::IntArrayRef values) {
+  std::string text = "[";
+  for (size_t i = 0; i < values.size(); ++i) text += (i ? ", " : "") + std::to_string(values[i]);
+  return text + "]";
+}
+
+template <typename... Pieces>
+std::string message(const Pieces&... pieces) {
+  std::string text;
+  (text += ... += message_piece(pieces));
+  return text;
+}
+
+#define ORTHRUS_CHECK_VALUE(condition, ...) TORCH_CHECK_VALUE(condition, message(__VA_ARGS__))
+#define ORTHRUS_CHECK_TYPE(condition, ...) TORCH_CHECK_TYPE(condition, message(__VA_ARGS__))
+#define ORTHRUS_CHECK(condition, ...) TORCH_CHECK(condition, message(__VA_ARGS__))
+
 void check_defined(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_VALUE(tensor.defined(), name, " must be a tensor, got None");
+  ORTHRUS_CHECK_VALUE(tensor.defined(), name, " must be a tensor, got None");
 }
 
 // The device every argument of a call must share; CUDA tensors need a CUDA build.
@@ -37,10 +74,10 @@ c10::Device checked_device(const at::Tensor& anchor, const char* name) {
   check_defined(anchor, name);
   const c10::Device device = anchor.device();
 #ifdef ORTHRUS_WITH_CUDA
-  TORCH_CHECK_VALUE(device.is_cpu() || device.is_cuda(), name, " must be on the CPU or a CUDA device, got ",
+  ORTHRUS_CHECK_VALUE(device.is_cpu() || device.is_cuda(), name, " must be on the CPU or a CUDA device, got ",
                     device);
 #else
-  TORCH_CHECK_VALUE(device.is_cpu(), name, " is on ", device,
+  ORTHRUS_CHECK_VALUE(device.is_cpu(), name, " is on ", device,
                     " but orthrus_ext was built without CUDA (only CPU tensors are supported)");
 #endif
   return device;
@@ -48,14 +85,14 @@ c10::Device checked_device(const at::Tensor& anchor, const char* name) {
 
 void check_device(const at::Tensor& tensor, const char* name, c10::Device device) {
   check_defined(tensor, name);
-  TORCH_CHECK_VALUE(tensor.device() == device, name, " must be on ", device, " like the other arguments, got ",
+  ORTHRUS_CHECK_VALUE(tensor.device() == device, name, " must be on ", device, " like the other arguments, got ",
                     tensor.device());
 }
 
 DType kernel_dtype(const at::Tensor& tensor, const char* name) {
   switch (tensor.scalar_type()) {
     case at::kFloat:
-      TORCH_CHECK_TYPE(tensor.device().is_cpu(), name,
+      ORTHRUS_CHECK_TYPE(tensor.device().is_cpu(), name,
                        " is float32, which the CUDA kernels do not support (use float16 or bfloat16)");
       return DType::kFloat32;
     case at::kHalf:
@@ -63,31 +100,31 @@ DType kernel_dtype(const at::Tensor& tensor, const char* name) {
     case at::kBFloat16:
       return DType::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", tensor.scalar_type());
+      ORTHRUS_CHECK_TYPE(false, name, " must be float32, float16 or bfloat16, got ", tensor.scalar_type());
   }
 }
 
 void check_dtype(const at::Tensor& tensor, const char* name, at::ScalarType expected) {
-  TORCH_CHECK_TYPE(tensor.scalar_type() == expected, name, " must be ", expected, ", got ",
+  ORTHRUS_CHECK_TYPE(tensor.scalar_type() == expected, name, " must be ", expected, ", got ",
                    tensor.scalar_type());
 }
 
 void check_dim(const at::Tensor& tensor, const char* name, int64_t dims) {
-  TORCH_CHECK_VALUE(tensor.dim() == dims, name, " must have ", dims, " dimensions, got shape ", tensor.sizes());
+  ORTHRUS_CHECK_VALUE(tensor.dim() == dims, name, " must have ", dims, " dimensions, got shape ", tensor.sizes());
 }
 
 void check_size(const at::Tensor& tensor, const char* name, int64_t dim, int64_t expected, const char* what) {
-  TORCH_CHECK_VALUE(tensor.size(dim) == expected, name, ".shape[", dim, "] must be ", expected, " (", what,
+  ORTHRUS_CHECK_VALUE(tensor.size(dim) == expected, name, ".shape[", dim, "] must be ", expected, " (", what,
                     "), got shape ", tensor.sizes());
 }
 
 void check_contiguous(const at::Tensor& tensor, const char* name) {
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), name, " must be contiguous, got strides ", tensor.strides());
+  ORTHRUS_CHECK_VALUE(tensor.is_contiguous(), name, " must be contiguous, got strides ", tensor.strides());
 }
 
 void check_rows(int64_t rows, const char* name, const c10::Device& device) {
-  TORCH_CHECK_VALUE(rows >= 1, name, " must have at least one row");
-  TORCH_CHECK_VALUE(device.is_cpu() || rows <= kMaxBlockRows, name, " has ", rows,
+  ORTHRUS_CHECK_VALUE(rows >= 1, name, " must have at least one row");
+  ORTHRUS_CHECK_VALUE(device.is_cpu() || rows <= kMaxBlockRows, name, " has ", rows,
                     " rows; the CUDA kernels take at most ", kMaxBlockRows);
 }
 
@@ -96,13 +133,13 @@ void check_rows(int64_t rows, const char* name, const c10::Device& device) {
 int64_t checked_row_stride(const at::Tensor& tensor, const char* name) {
   int64_t packed = 1;
   for (int64_t dim = tensor.dim() - 1; dim >= 1; --dim) {
-    TORCH_CHECK_VALUE(tensor.size(dim) == 1 || tensor.stride(dim) == packed, name,
+    ORTHRUS_CHECK_VALUE(tensor.size(dim) == 1 || tensor.stride(dim) == packed, name,
                       " must be contiguous except for its row stride (dim 0), got shape ", tensor.sizes(),
                       " and strides ", tensor.strides());
     packed *= tensor.size(dim);
   }
   if (tensor.size(0) == 1) return packed;  // a single row's stride is never used
-  TORCH_CHECK_VALUE(tensor.stride(0) >= packed, name, " rows overlap: stride(0) = ", tensor.stride(0),
+  ORTHRUS_CHECK_VALUE(tensor.stride(0) >= packed, name, " rows overlap: stride(0) = ", tensor.stride(0),
                     " is less than the row size ", packed);
   return tensor.stride(0);
 }
@@ -111,7 +148,7 @@ int64_t checked_row_stride(const at::Tensor& tensor, const char* name) {
 void check_cuda_alignment(const at::Tensor& tensor, const char* name, int64_t row_stride) {
   if (!tensor.device().is_cuda()) return;
   const auto address = reinterpret_cast<uintptr_t>(tensor.data_ptr());
-  TORCH_CHECK_VALUE(address % 16 == 0 && (row_stride * tensor.element_size()) % 16 == 0, name,
+  ORTHRUS_CHECK_VALUE(address % 16 == 0 && (row_stride * tensor.element_size()) % 16 == 0, name,
                     " must start on a 16-byte boundary and have rows a multiple of 16 bytes apart");
 }
 
@@ -119,16 +156,16 @@ void check_cuda_alignment(const at::Tensor& tensor, const char* name, int64_t ro
 void check_scalar_tensor(const at::Tensor& tensor, const char* name, at::ScalarType dtype, c10::Device device) {
   check_device(tensor, name, device);
   check_dtype(tensor, name, dtype);
-  TORCH_CHECK_VALUE(tensor.numel() == 1, name, " must hold exactly one element, got shape ", tensor.sizes());
+  ORTHRUS_CHECK_VALUE(tensor.numel() == 1, name, " must hold exactly one element, got shape ", tensor.sizes());
 }
 
 void check_finite(double value, const char* name) {
-  TORCH_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
+  ORTHRUS_CHECK_VALUE(std::isfinite(value), name, " must be finite, got ", value);
 }
 
 #ifdef ORTHRUS_WITH_CUDA
 void check_cuda(cudaError_t status, const char* kernel) {
-  TORCH_CHECK(status == cudaSuccess, "orthrus ", kernel, " failed: ", cudaGetErrorString(status));
+  ORTHRUS_CHECK(status == cudaSuccess, "orthrus ", kernel, " failed: ", cudaGetErrorString(status));
 }
 
 at::Tensor cuda_workspace(size_t bytes, c10::Device device) {
@@ -157,7 +194,7 @@ LinearShape checked_linear_arguments(const at::Tensor& x, const at::Tensor& weig
   const int64_t rows = x.size(0), in_features = x.size(1), out_features = weight.size(0);
   check_rows(rows, "x", device);
   check_size(weight, "weight", 1, in_features, "in_features = x.shape[1]");
-  TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, "weight must not be empty, got shape ",
+  ORTHRUS_CHECK_VALUE(out_features >= 1 && in_features >= 1, "weight must not be empty, got shape ",
                     weight.sizes());
   check_contiguous(weight, "weight");
   // x may be any row-strided view (the kernel falls back to element copies); w is read 16 bytes at a time.
@@ -191,7 +228,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
 at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& weight) {
   const c10::Device device = checked_device(x, "x");
   const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
-  TORCH_CHECK_VALUE(out_features % 2 == 0, "weight must have an even number of rows ([gate | up]), got shape ",
+  ORTHRUS_CHECK_VALUE(out_features % 2 == 0, "weight must have an even number of rows ([gate | up]), got shape ",
                     weight.sizes());
   const int64_t features = out_features / 2;
   at::Tensor y = at::empty({rows, features}, x.options());
@@ -224,11 +261,11 @@ NormShape checked_norm_arguments(const at::Tensor& x, const at::Tensor& weight, 
   check_dim(weight, "weight", 1);
   const int64_t rows = x.size(0), dim = x.size(1);
   check_rows(rows, "x", device);
-  TORCH_CHECK_VALUE(dim >= 1, "x must have at least one column");
+  ORTHRUS_CHECK_VALUE(dim >= 1, "x must have at least one column");
   check_size(weight, "weight", 0, dim, "x.shape[1]");
   check_contiguous(weight, "weight");
   check_finite(eps, "eps");
-  TORCH_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+  ORTHRUS_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
   return {dtype, rows, dim};
 }
 
@@ -263,7 +300,7 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
   check_size(delta, "delta", 1, dim, "x.shape[1]");
   check_contiguous(x, "x");
   check_contiguous(delta, "delta");
-  TORCH_CHECK_VALUE(!x.is_same(delta), "delta must not be x itself");
+  ORTHRUS_CHECK_VALUE(!x.is_same(delta), "delta must not be x itself");
 
   at::Tensor y = at::empty({rows, dim}, x.options());
   if (device.is_cpu()) {
@@ -286,7 +323,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   check_dim(gate_up, "gate_up", 2);
   const int64_t rows = gate_up.size(0), columns = gate_up.size(1);
   check_rows(rows, "gate_up", device);
-  TORCH_CHECK_VALUE(columns >= 2 && columns % 2 == 0, "gate_up must have an even, non-zero number of columns, got ",
+  ORTHRUS_CHECK_VALUE(columns >= 2 && columns % 2 == 0, "gate_up must have an even, non-zero number of columns, got ",
                     columns);
   const int64_t row_stride = checked_row_stride(gate_up, "gate_up");
   at::Tensor y = at::empty({rows, columns / 2}, gate_up.options());
@@ -324,7 +361,7 @@ void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const ch
                                                                  {&t.v_dst, "v_dst"}};
   for (const auto& [tensor, name] : same_dtype) {
     check_device(*tensor, name, device);
-    TORCH_CHECK_TYPE(tensor->scalar_type() == anchor.scalar_type(), name, " must be ", anchor.scalar_type(),
+    ORTHRUS_CHECK_TYPE(tensor->scalar_type() == anchor.scalar_type(), name, " must be ", anchor.scalar_type(),
                      " like ", anchor_name, ", got ", tensor->scalar_type());
   }
   check_device(t.rope_cos_sin, "rope_cos_sin", device);
@@ -343,12 +380,12 @@ void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const ch
   check_dim(t.v_dst, "v_dst", 3);
   check_size(t.k_dst, "k_dst", 1, kv_heads, "kv_heads");
   check_size(t.k_dst, "k_dst", 2, head_dim, "head_dim");
-  TORCH_CHECK_VALUE(t.v_dst.sizes() == t.k_dst.sizes(), "v_dst must have the shape of k_dst ", t.k_dst.sizes(),
+  ORTHRUS_CHECK_VALUE(t.v_dst.sizes() == t.k_dst.sizes(), "v_dst must have the shape of k_dst ", t.k_dst.sizes(),
                     ", got ", t.v_dst.sizes());
   check_contiguous(t.k_dst, "k_dst");
   check_contiguous(t.v_dst, "v_dst");
   check_finite(t.eps, "eps");
-  TORCH_CHECK_VALUE(t.eps >= 0, "eps must be non-negative, got ", t.eps);
+  ORTHRUS_CHECK_VALUE(t.eps >= 0, "eps must be non-negative, got ", t.eps);
   check_cuda_alignment(t.k_dst, "k_dst", kv_heads * head_dim);
   check_cuda_alignment(t.v_dst, "v_dst", kv_heads * head_dim);
 }
@@ -356,9 +393,9 @@ void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const ch
 // On the CPU the device scalars are host values: the rows they address must exist.
 void check_host_positions(const HeadTargets& t, int64_t rows) {
   const int64_t position = t.positions_start.item<int32_t>(), destination = t.dst_start.item<int32_t>();
-  TORCH_CHECK_VALUE(position >= 0 && position + rows <= t.rope_cos_sin.size(0), "positions_start = ", position,
+  ORTHRUS_CHECK_VALUE(position >= 0 && position + rows <= t.rope_cos_sin.size(0), "positions_start = ", position,
                     " with ", rows, " rows is outside rope_cos_sin (", t.rope_cos_sin.size(0), " positions)");
-  TORCH_CHECK_VALUE(destination >= 0 && destination + rows <= t.k_dst.size(0), "dst_start = ", destination, " with ",
+  ORTHRUS_CHECK_VALUE(destination >= 0 && destination + rows <= t.k_dst.size(0), "dst_start = ", destination, " with ",
                     rows, " rows is outside k_dst / v_dst (", t.k_dst.size(0), " rows)");
 }
 
@@ -377,13 +414,13 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
   for (const auto& [tensor, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check_dim(*tensor, name, 3);
   const int64_t rows = q.size(0), q_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   check_rows(rows, "q", device);
-  TORCH_CHECK_VALUE(q_heads >= 1 && kv_heads >= 1, "q and k need at least one head, got shapes ", q.sizes(),
+  ORTHRUS_CHECK_VALUE(q_heads >= 1 && kv_heads >= 1, "q and k need at least one head, got shapes ", q.sizes(),
                     " and ", k.sizes());
-  TORCH_CHECK_VALUE(head_dim >= 2 && head_dim % 2 == 0, "q.shape[2] (head_dim) must be even and positive, got ",
+  ORTHRUS_CHECK_VALUE(head_dim >= 2 && head_dim % 2 == 0, "q.shape[2] (head_dim) must be even and positive, got ",
                     head_dim);
   check_size(k, "k", 0, rows, "rows = q.shape[0]");
   check_size(k, "k", 2, head_dim, "head_dim = q.shape[2]");
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  ORTHRUS_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   const HeadTargets targets{q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, k_dst, v_dst, dst_start, eps};
   check_head_targets(targets, q, "q", kv_heads, head_dim, device);
   const int64_t q_row_stride = checked_row_stride(q, "q");
@@ -428,13 +465,13 @@ at::Tensor linear_qk_norm_rope_store(const at::Tensor& x, const at::Tensor& weig
   check_defined(k_dst, "k_dst");
   check_dim(k_dst, "k_dst", 3);
   const int64_t kv_heads = k_dst.size(1), head_dim = k_dst.size(2);
-  TORCH_CHECK_VALUE(kv_heads >= 1 && head_dim >= 2 && head_dim % 2 == 0,
+  ORTHRUS_CHECK_VALUE(kv_heads >= 1 && head_dim >= 2 && head_dim % 2 == 0,
                     "k_dst must be [rows, kv_heads >= 1, even head_dim], got shape ", k_dst.sizes());
-  TORCH_CHECK_VALUE(out_features % head_dim == 0 && out_features / head_dim > 2 * kv_heads, "weight has ",
+  ORTHRUS_CHECK_VALUE(out_features % head_dim == 0 && out_features / head_dim > 2 * kv_heads, "weight has ",
                     out_features, " rows; a fused q | k | v projection of ", kv_heads, " kv heads of ", head_dim,
                     " needs (q_heads + 2 * ", kv_heads, ") * ", head_dim, " rows with q_heads >= 1");
   const int64_t q_heads = out_features / head_dim - 2 * kv_heads;
-  TORCH_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
+  ORTHRUS_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
                     "the CUDA kernels take head_dim 64 or 128, got ", head_dim);
   const HeadTargets targets{q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, k_dst, v_dst, dst_start, eps};
   check_head_targets(targets, x, "x", kv_heads, head_dim, device);
@@ -477,13 +514,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const int64_t cache_rows = k_cache.size(0);
   check_rows(rows, "q", device);
   check_contiguous(q, "q");
-  TORCH_CHECK_VALUE(q_heads >= 1 && head_dim >= 1, "q must have heads and head_dim, got shape ", q.sizes());
-  TORCH_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
+  ORTHRUS_CHECK_VALUE(q_heads >= 1 && head_dim >= 1, "q must have heads and head_dim, got shape ", q.sizes());
+  ORTHRUS_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
                     "q.shape[2] (head_dim) must be 64 or 128 on CUDA, got ", head_dim);
-  TORCH_CHECK_VALUE(kv_heads >= 1 && q_heads % kv_heads == 0, "k_cache.shape[1] (kv_heads = ", kv_heads,
+  ORTHRUS_CHECK_VALUE(kv_heads >= 1 && q_heads % kv_heads == 0, "k_cache.shape[1] (kv_heads = ", kv_heads,
                     ") must divide q.shape[1] (q_heads = ", q_heads, ")");
   check_size(k_cache, "k_cache", 2, head_dim, "head_dim = q.shape[2]");
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
+  ORTHRUS_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
                     k_cache.sizes(), ", got ", v_cache.sizes());
   check_contiguous(k_cache, "k_cache");
   check_contiguous(v_cache, "v_cache");
@@ -495,11 +532,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const void* k_block_data = nullptr;
   const void* v_block_data = nullptr;
   if (causal) {
-    TORCH_CHECK_VALUE(!k_block.has_value() && !v_block.has_value(),
+    ORTHRUS_CHECK_VALUE(!k_block.has_value() && !v_block.has_value(),
                       "k_block and v_block must be None when causal=True (the block's keys are read from the "
                       "cache at rows [cache_len, cache_len + rows))");
   } else {
-    TORCH_CHECK_VALUE(k_block.has_value() && v_block.has_value(),
+    ORTHRUS_CHECK_VALUE(k_block.has_value() && v_block.has_value(),
                       "k_block and v_block are required when causal=False");
     for (const auto& [tensor, name] : {std::pair{&*k_block, "k_block"}, {&*v_block, "v_block"}}) {
       check_device(*tensor, name, device);
@@ -519,7 +556,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   if (device.is_cpu()) {
     const int64_t length = cache_len.item<int32_t>();
     const int64_t needed = causal ? length + rows : length;
-    TORCH_CHECK_VALUE(length >= 0 && needed <= cache_rows, "cache_len = ", length, " with ", rows,
+    ORTHRUS_CHECK_VALUE(length >= 0 && needed <= cache_rows, "cache_len = ", length, " with ", rows,
                       causal ? " block rows stored in the cache" : " cached rows", " exceeds k_cache (",
                       cache_rows, " rows)");
     orthrus::attention_cpu(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),

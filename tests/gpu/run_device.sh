@@ -1,5 +1,5 @@
 #!/bin/bash
-# On the device machine: builds orthrus_ext, runs the attention / norm / accept GPU tests, the
+# On the device machine: builds orthrus_ext, runs the attention / norm / accept / fused-linear GPU tests, the
 # compute-sanitizer driver (memcheck, racecheck) and the attention micro-benchmark. Logs go to $OUT;
 # a short summary is printed last. Usage (repository root, .whl carried): bash tests/gpu/run_device.sh
 set -u
@@ -23,7 +23,8 @@ grep -E "registers|spill" "$OUT/build.log" > "$OUT/ptxas.txt" 2>/dev/null
 
 start=$(date +%s)
 timeout "${PYTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -x \
-  tests/gpu/test_attention_cuda.py tests/gpu/test_norm_accept_cuda.py > "$OUT/pytest.log" 2>&1
+  tests/gpu/test_attention_cuda.py tests/gpu/test_norm_accept_cuda.py tests/gpu/test_fused_linear_cuda.py \
+  > "$OUT/pytest.log" 2>&1
 note "pytest: rc $? in $(( $(date +%s) - start )) s: $(tail -1 "$OUT/pytest.log")"
 
 for tool in memcheck racecheck; do

@@ -55,6 +55,17 @@ def main():
                                                k_dst, v_dst, start + 10, 1e-6)
         assert torch.isfinite(q_out).all() and torch.equal(v_dst[13:20], v)
 
+        # The linear kernel's fused epilogues: clusters of whole heads, and SwiGLU tiles with a ragged end.
+        x = torch.randn(rows, 512, device=device).to(dtype)
+        weight = torch.randn((q_heads + 2 * kv_heads) * head_dim, 512, device=device).to(dtype)
+        norm = torch.ones(head_dim, device=device, dtype=dtype)
+        q_fused = orthrus_ext.linear_qk_norm_rope_store(x, weight, norm, norm, table, start, k_dst, v_dst, start + 10,
+                                                        1e-6)
+        assert torch.isfinite(q_fused).all() and torch.isfinite(k_dst[13:20]).all()
+        gate_up = torch.randn(2 * 1000, 512, device=device).to(dtype)
+        assert torch.equal(orthrus_ext.linear_silu_mul(x, gate_up),
+                           orthrus_ext.silu_mul(orthrus_ext.linear(x, gate_up)))
+
     targets = torch.arange(40, device=device)
     drafts = targets[:39].clone()
     drafts[35] = -1

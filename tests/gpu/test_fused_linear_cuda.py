@@ -180,9 +180,9 @@ def test_heads_with_a_capped_split(ext, head_dim):
 
 
 def test_fused_forms_reject_an_unsupported_head_dim(ext):
-    # In a child process: on the H100 image of 2026-11-22 (torch 2.11+cu130) every ValueError raised by
-    # orthrus_ext, old ops included, killed the interpreter with SIGSEGV (TypeErrors were raised properly);
-    # a child turns that into this test's failure instead of the end of the session.
+    # In a child process, so that a crash while raising fails this test instead of ending the session: on
+    # the H100 image of 2026-11-22 every error message with a number in it killed the interpreter until
+    # bindings.cpp stopped formatting numbers through std::ostream.
     code = """
 import torch, orthrus_ext as ext
 d = dict(device="cuda", dtype=torch.bfloat16)
