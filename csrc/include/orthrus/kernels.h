@@ -87,8 +87,8 @@ void silu_mul_cpu(DType dtype, const void* gate_up, int64_t gate_up_row_stride, 
 // The fused forms of the decode step, bit for bit what the separate calls give:
 // linear_silu_mul: silu_mul(linear(x, w)) for w = [gate | up] ([2 * features, in_features]); y [rows, features].
 // linear_qk_norm_rope_store: qk_norm_rope_store of the q | k | v heads of linear(x, w) for the fused
-//   projection w ([(q_heads + 2 * kv_heads) * head_dim, in_features]); returns nothing but q_out, k_dst and
-//   v_dst. On CUDA, head_dim 64 or 128.
+//   projection w ([(q_heads + 2 * kv_heads) * head_dim, in_features]); writes q_out, k_dst and v_dst only
+//   (the projection itself is never stored). On CUDA, head_dim 64 or 128.
 void linear_silu_mul_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
                          int64_t features, int64_t in_features);
 
