@@ -336,48 +336,41 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     }
     return sum;
   };
-  T* const y = static_cast<T*>(p.y);
-  // Stores 4 consecutive outputs of a row of y whose length is `width`.
-  auto store_four = [&](int row, int64_t n, int64_t width, const float (&values)[4]) {
-    T* const out = y + int64_t(row) * width + n;
-    if (p.y_vector_stores && n + 4 <= width) {
-      uint2 packed;
-      packed.x = pack2<T>(values[0], values[1]);
-      packed.y = pack2<T>(values[2], values[3]);
-      *reinterpret_cast<uint2*>(out) = packed;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (n + j < width) out[j] = from_float<T>(values[j]);
-      }
-    }
-  };
   // Rounded as the plain linear would store it.
   auto rounded = [](float value) { return to_float(from_float<T>(value)); };
 
-  if constexpr (kEpilogue == LinearEpilogue::kStore) {
-    // Each rank finishes a slice of the tile, 4 outputs per item.
-    constexpr int kQuadsPerRow = kLinearTileRows / 4;
+  if constexpr (kEpilogue != LinearEpilogue::kHeadNormRope) {
+    // Each rank finishes a slice of the tile, 4 outputs of a row per item. A kSiluMul tile has half as
+    // many outputs as weight rows: output i combines columns i (gate) and kOutputs + i (up).
+    constexpr bool kSiluMul = kEpilogue == LinearEpilogue::kSiluMul;
+    constexpr int kOutputs = kSiluMul ? kLinearTileRows / 2 : kLinearTileRows;
+    constexpr int kQuadsPerRow = kOutputs / 4;
+    const int64_t width = kSiluMul ? p.features : p.out_features;  // y's row length
     for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
          item += p.split * kLinearThreads) {
       const int row = item / kQuadsPerRow;
       const int column = (item % kQuadsPerRow) * 4;
       const float4 sum = rank_sum(0, row * kLinearPartialPitch + column);
-      const float values[4] = {sum.x, sum.y, sum.z, sum.w};
-      store_four(row, int64_t(tile) * kLinearTileRows + column, p.out_features, values);
-    }
-  } else if constexpr (kEpilogue == LinearEpilogue::kSiluMul) {
-    constexpr int kFeatures = kLinearTileRows / 2;
-    constexpr int kQuadsPerRow = kFeatures / 4;
-    for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
-         item += p.split * kLinearThreads) {
-      const int row = item / kQuadsPerRow;
-      const int column = (item % kQuadsPerRow) * 4;
-      const float4 gate = rank_sum(0, row * kLinearPartialPitch + column);
-      const float4 up = rank_sum(0, row * kLinearPartialPitch + kFeatures + column);
-      const float values[4] = {swiglu(rounded(gate.x), rounded(up.x)), swiglu(rounded(gate.y), rounded(up.y)),
-                               swiglu(rounded(gate.z), rounded(up.z)), swiglu(rounded(gate.w), rounded(up.w))};
-      store_four(row, int64_t(tile) * kFeatures + column, p.features, values);
+      float values[4] = {sum.x, sum.y, sum.z, sum.w};
+      if constexpr (kSiluMul) {
+        const float4 up = rank_sum(0, row * kLinearPartialPitch + kOutputs + column);
+        const float ups[4] = {up.x, up.y, up.z, up.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) values[j] = swiglu(rounded(values[j]), rounded(ups[j]));
+      }
+      const int64_t n = int64_t(tile) * kOutputs + column;
+      T* const out = static_cast<T*>(p.y) + int64_t(row) * width + n;
+      if (p.y_vector_stores && n + 4 <= width) {
+        uint2 packed;
+        packed.x = pack2<T>(values[0], values[1]);
+        packed.y = pack2<T>(values[2], values[3]);
+        *reinterpret_cast<uint2*>(out) = packed;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (n + j < width) out[j] = from_float<T>(values[j]);
+        }
+      }
     }
   } else {
     // One warp per block row finishes the cluster's head; rows go round the cluster's warps. The first
