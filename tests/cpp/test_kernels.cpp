@@ -265,6 +265,55 @@ void test_qk_norm_rope_store(DType dtype) {
   report(invariant, std::string("qk_norm_rope_store ") + dtype_name(dtype) + " row invariance");
 }
 
+// ---- fused forms: bit for bit the separate calls --------------------------------------------------------
+
+void test_fused_forms(DType dtype) {
+  const int64_t rows = uniform_int(1, 64), in_features = uniform_int(1, 200);
+  const int64_t x_stride = in_features + uniform_int(0, 5);
+  const Buffer x = random_buffer(dtype, rows * x_stride);
+  const size_t element = orthrus::cpu::element_bytes(dtype);
+
+  const int64_t features = uniform_int(1, 100);
+  const Buffer gate_up_weight = random_buffer(dtype, 2 * features * in_features);
+  Buffer gate_up(dtype, rows * 2 * features), separate(dtype, rows * features), fused(dtype, rows * features);
+  orthrus::linear_cpu(dtype, x.data(), x_stride, gate_up_weight.data(), gate_up.data(), rows, 2 * features,
+                      in_features);
+  orthrus::silu_mul_cpu(dtype, gate_up.data(), 2 * features, separate.data(), rows, features);
+  orthrus::linear_silu_mul_cpu(dtype, x.data(), x_stride, gate_up_weight.data(), fused.data(), rows, features,
+                               in_features);
+  report(fused.same_bits(separate, 0, 0, rows * features),
+         std::string("linear_silu_mul ") + dtype_name(dtype) + " == linear + silu_mul, bitwise");
+
+  const int64_t kv_heads = uniform_int(1, 3), q_heads = kv_heads * uniform_int(1, 3), head_dim = 2 * uniform_int(1, 40);
+  const int64_t width = (q_heads + 2 * kv_heads) * head_dim, dst_rows = rows + uniform_int(0, 20);
+  const int32_t position = int32_t(uniform_int(0, 300)), dst_start = int32_t(uniform_int(0, dst_rows - rows));
+  const Buffer qkv_weight = random_buffer(dtype, width * in_features);
+  const Buffer q_norm = random_buffer(dtype, head_dim), k_norm = random_buffer(dtype, head_dim);
+  const std::vector<float> table = rope_table(position + rows, head_dim);
+  Buffer qkv(dtype, rows * width);
+  orthrus::linear_cpu(dtype, x.data(), x_stride, qkv_weight.data(), qkv.data(), rows, width, in_features);
+  const auto* q = static_cast<const uint8_t*>(qkv.data());
+  const uint8_t* k = q + q_heads * head_dim * element;
+  const uint8_t* v = k + kv_heads * head_dim * element;
+  bool same = true;
+  Buffer outputs[2][3] = {{Buffer(dtype, rows * q_heads * head_dim), Buffer(dtype, dst_rows * kv_heads * head_dim),
+                           Buffer(dtype, dst_rows * kv_heads * head_dim)},
+                          {Buffer(dtype, rows * q_heads * head_dim), Buffer(dtype, dst_rows * kv_heads * head_dim),
+                           Buffer(dtype, dst_rows * kv_heads * head_dim)}};
+  for (auto& form : outputs)
+    for (Buffer& buffer : form) buffer.fill(NAN);
+  orthrus::qk_norm_rope_store_cpu(dtype, q, width, k, width, v, width, q_norm.data(), k_norm.data(), table.data(),
+                                  &position, outputs[0][0].data(), outputs[0][1].data(), outputs[0][2].data(),
+                                  &dst_start, rows, q_heads, kv_heads, head_dim, 1e-6f);
+  orthrus::linear_qk_norm_rope_store_cpu(dtype, x.data(), x_stride, qkv_weight.data(), rows, in_features,
+                                         q_norm.data(), k_norm.data(), table.data(), &position, outputs[1][0].data(),
+                                         outputs[1][1].data(), outputs[1][2].data(), &dst_start, q_heads, kv_heads,
+                                         head_dim, 1e-6f);
+  for (int i = 0; i < 3; ++i) same = same && outputs[1][i].same_bits(outputs[0][i], 0, 0, outputs[0][i].size());
+  report(same, std::string("linear_qk_norm_rope_store ") + dtype_name(dtype) +
+                   " == linear + qk_norm_rope_store, bitwise (q_out, k_dst, v_dst)");
+}
+
 // ---- attention -------------------------------------------------------------------------------------------
 
 struct AttentionCase {
@@ -440,6 +489,7 @@ int main() {
               orthrus::cpu::use_fused_math() ? "fused (AVX2+FMA)" : "portable");
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     test_linear(dtype);
+    test_fused_forms(dtype);
     test_rms_norm(dtype);
     test_qk_norm_rope_store(dtype);
     test_attention(dtype);
