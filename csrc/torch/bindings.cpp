@@ -75,10 +75,10 @@ c10::Device checked_device(const at::Tensor& anchor, const char* name) {
   const c10::Device device = anchor.device();
 #ifdef ORTHRUS_WITH_CUDA
   ORTHRUS_CHECK_VALUE(device.is_cpu() || device.is_cuda(), name, " must be on the CPU or a CUDA device, got ",
-                    device);
+                      device);
 #else
   ORTHRUS_CHECK_VALUE(device.is_cpu(), name, " is on ", device,
-                    " but orthrus_ext was built without CUDA (only CPU tensors are supported)");
+                      " but orthrus_ext was built without CUDA (only CPU tensors are supported)");
 #endif
   return device;
 }
@@ -86,14 +86,14 @@ c10::Device checked_device(const at::Tensor& anchor, const char* name) {
 void check_device(const at::Tensor& tensor, const char* name, c10::Device device) {
   check_defined(tensor, name);
   ORTHRUS_CHECK_VALUE(tensor.device() == device, name, " must be on ", device, " like the other arguments, got ",
-                    tensor.device());
+                      tensor.device());
 }
 
 DType kernel_dtype(const at::Tensor& tensor, const char* name) {
   switch (tensor.scalar_type()) {
     case at::kFloat:
       ORTHRUS_CHECK_TYPE(tensor.device().is_cpu(), name,
-                       " is float32, which the CUDA kernels do not support (use float16 or bfloat16)");
+                         " is float32, which the CUDA kernels do not support (use float16 or bfloat16)");
       return DType::kFloat32;
     case at::kHalf:
       return DType::kFloat16;
@@ -106,7 +106,7 @@ DType kernel_dtype(const at::Tensor& tensor, const char* name) {
 
 void check_dtype(const at::Tensor& tensor, const char* name, at::ScalarType expected) {
   ORTHRUS_CHECK_TYPE(tensor.scalar_type() == expected, name, " must be ", expected, ", got ",
-                   tensor.scalar_type());
+                     tensor.scalar_type());
 }
 
 void check_dim(const at::Tensor& tensor, const char* name, int64_t dims) {
@@ -115,7 +115,7 @@ void check_dim(const at::Tensor& tensor, const char* name, int64_t dims) {
 
 void check_size(const at::Tensor& tensor, const char* name, int64_t dim, int64_t expected, const char* what) {
   ORTHRUS_CHECK_VALUE(tensor.size(dim) == expected, name, ".shape[", dim, "] must be ", expected, " (", what,
-                    "), got shape ", tensor.sizes());
+                      "), got shape ", tensor.sizes());
 }
 
 void check_contiguous(const at::Tensor& tensor, const char* name) {
@@ -125,7 +125,7 @@ void check_contiguous(const at::Tensor& tensor, const char* name) {
 void check_rows(int64_t rows, const char* name, const c10::Device& device) {
   ORTHRUS_CHECK_VALUE(rows >= 1, name, " must have at least one row");
   ORTHRUS_CHECK_VALUE(device.is_cpu() || rows <= kMaxBlockRows, name, " has ", rows,
-                    " rows; the CUDA kernels take at most ", kMaxBlockRows);
+                      " rows; the CUDA kernels take at most ", kMaxBlockRows);
 }
 
 // A [rows, ...] tensor whose rows may be strided (views into a fused projection) but whose trailing
@@ -134,13 +134,13 @@ int64_t checked_row_stride(const at::Tensor& tensor, const char* name) {
   int64_t packed = 1;
   for (int64_t dim = tensor.dim() - 1; dim >= 1; --dim) {
     ORTHRUS_CHECK_VALUE(tensor.size(dim) == 1 || tensor.stride(dim) == packed, name,
-                      " must be contiguous except for its row stride (dim 0), got shape ", tensor.sizes(),
-                      " and strides ", tensor.strides());
+                        " must be contiguous except for its row stride (dim 0), got shape ", tensor.sizes(),
+                        " and strides ", tensor.strides());
     packed *= tensor.size(dim);
   }
   if (tensor.size(0) == 1) return packed;  // a single row's stride is never used
   ORTHRUS_CHECK_VALUE(tensor.stride(0) >= packed, name, " rows overlap: stride(0) = ", tensor.stride(0),
-                    " is less than the row size ", packed);
+                      " is less than the row size ", packed);
   return tensor.stride(0);
 }
 
@@ -149,7 +149,7 @@ void check_cuda_alignment(const at::Tensor& tensor, const char* name, int64_t ro
   if (!tensor.device().is_cuda()) return;
   const auto address = reinterpret_cast<uintptr_t>(tensor.data_ptr());
   ORTHRUS_CHECK_VALUE(address % 16 == 0 && (row_stride * tensor.element_size()) % 16 == 0, name,
-                    " must start on a 16-byte boundary and have rows a multiple of 16 bytes apart");
+                      " must start on a 16-byte boundary and have rows a multiple of 16 bytes apart");
 }
 
 // A 1-element int32 / int64 device scalar.
@@ -195,7 +195,7 @@ LinearShape checked_linear_arguments(const at::Tensor& x, const at::Tensor& weig
   check_rows(rows, "x", device);
   check_size(weight, "weight", 1, in_features, "in_features = x.shape[1]");
   ORTHRUS_CHECK_VALUE(out_features >= 1 && in_features >= 1, "weight must not be empty, got shape ",
-                    weight.sizes());
+                      weight.sizes());
   check_contiguous(weight, "weight");
   // x may be any row-strided view (the kernel falls back to element copies); w is read 16 bytes at a time.
   const int64_t x_row_stride = checked_row_stride(x, "x");
@@ -229,7 +229,7 @@ at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& weight) {
   const c10::Device device = checked_device(x, "x");
   const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
   ORTHRUS_CHECK_VALUE(out_features % 2 == 0, "weight must have an even number of rows ([gate | up]), got shape ",
-                    weight.sizes());
+                      weight.sizes());
   const int64_t features = out_features / 2;
   at::Tensor y = at::empty({rows, features}, x.options());
   if (device.is_cpu()) {
@@ -324,7 +324,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t rows = gate_up.size(0), columns = gate_up.size(1);
   check_rows(rows, "gate_up", device);
   ORTHRUS_CHECK_VALUE(columns >= 2 && columns % 2 == 0, "gate_up must have an even, non-zero number of columns, got ",
-                    columns);
+                      columns);
   const int64_t row_stride = checked_row_stride(gate_up, "gate_up");
   at::Tensor y = at::empty({rows, columns / 2}, gate_up.options());
   if (device.is_cpu()) {
@@ -362,7 +362,7 @@ void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const ch
   for (const auto& [tensor, name] : same_dtype) {
     check_device(*tensor, name, device);
     ORTHRUS_CHECK_TYPE(tensor->scalar_type() == anchor.scalar_type(), name, " must be ", anchor.scalar_type(),
-                     " like ", anchor_name, ", got ", tensor->scalar_type());
+                       " like ", anchor_name, ", got ", tensor->scalar_type());
   }
   check_device(t.rope_cos_sin, "rope_cos_sin", device);
   check_dtype(t.rope_cos_sin, "rope_cos_sin", at::kFloat);
@@ -381,7 +381,7 @@ void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const ch
   check_size(t.k_dst, "k_dst", 1, kv_heads, "kv_heads");
   check_size(t.k_dst, "k_dst", 2, head_dim, "head_dim");
   ORTHRUS_CHECK_VALUE(t.v_dst.sizes() == t.k_dst.sizes(), "v_dst must have the shape of k_dst ", t.k_dst.sizes(),
-                    ", got ", t.v_dst.sizes());
+                      ", got ", t.v_dst.sizes());
   check_contiguous(t.k_dst, "k_dst");
   check_contiguous(t.v_dst, "v_dst");
   check_finite(t.eps, "eps");
@@ -394,9 +394,9 @@ void check_head_targets(const HeadTargets& t, const at::Tensor& anchor, const ch
 void check_host_positions(const HeadTargets& t, int64_t rows) {
   const int64_t position = t.positions_start.item<int32_t>(), destination = t.dst_start.item<int32_t>();
   ORTHRUS_CHECK_VALUE(position >= 0 && position + rows <= t.rope_cos_sin.size(0), "positions_start = ", position,
-                    " with ", rows, " rows is outside rope_cos_sin (", t.rope_cos_sin.size(0), " positions)");
+                      " with ", rows, " rows is outside rope_cos_sin (", t.rope_cos_sin.size(0), " positions)");
   ORTHRUS_CHECK_VALUE(destination >= 0 && destination + rows <= t.k_dst.size(0), "dst_start = ", destination, " with ",
-                    rows, " rows is outside k_dst / v_dst (", t.k_dst.size(0), " rows)");
+                      rows, " rows is outside k_dst / v_dst (", t.k_dst.size(0), " rows)");
 }
 
 // q, k, v: [rows, heads, head_dim] row-strided views.
@@ -415,9 +415,9 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t rows = q.size(0), q_heads = q.size(1), head_dim = q.size(2), kv_heads = k.size(1);
   check_rows(rows, "q", device);
   ORTHRUS_CHECK_VALUE(q_heads >= 1 && kv_heads >= 1, "q and k need at least one head, got shapes ", q.sizes(),
-                    " and ", k.sizes());
+                      " and ", k.sizes());
   ORTHRUS_CHECK_VALUE(head_dim >= 2 && head_dim % 2 == 0, "q.shape[2] (head_dim) must be even and positive, got ",
-                    head_dim);
+                      head_dim);
   check_size(k, "k", 0, rows, "rows = q.shape[0]");
   check_size(k, "k", 2, head_dim, "head_dim = q.shape[2]");
   ORTHRUS_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
@@ -466,13 +466,13 @@ at::Tensor linear_qk_norm_rope_store(const at::Tensor& x, const at::Tensor& weig
   check_dim(k_dst, "k_dst", 3);
   const int64_t kv_heads = k_dst.size(1), head_dim = k_dst.size(2);
   ORTHRUS_CHECK_VALUE(kv_heads >= 1 && head_dim >= 2 && head_dim % 2 == 0,
-                    "k_dst must be [rows, kv_heads >= 1, even head_dim], got shape ", k_dst.sizes());
+                      "k_dst must be [rows, kv_heads >= 1, even head_dim], got shape ", k_dst.sizes());
   ORTHRUS_CHECK_VALUE(out_features % head_dim == 0 && out_features / head_dim > 2 * kv_heads, "weight has ",
-                    out_features, " rows; a fused q | k | v projection of ", kv_heads, " kv heads of ", head_dim,
-                    " needs (q_heads + 2 * ", kv_heads, ") * ", head_dim, " rows with q_heads >= 1");
+                      out_features, " rows; a fused q | k | v projection of ", kv_heads, " kv heads of ", head_dim,
+                      " needs (q_heads + 2 * ", kv_heads, ") * ", head_dim, " rows with q_heads >= 1");
   const int64_t q_heads = out_features / head_dim - 2 * kv_heads;
   ORTHRUS_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
-                    "the CUDA kernels take head_dim 64 or 128, got ", head_dim);
+                      "the CUDA kernels take head_dim 64 or 128, got ", head_dim);
   const HeadTargets targets{q_norm_weight, k_norm_weight, rope_cos_sin, positions_start, k_dst, v_dst, dst_start, eps};
   check_head_targets(targets, x, "x", kv_heads, head_dim, device);
 
@@ -516,12 +516,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   check_contiguous(q, "q");
   ORTHRUS_CHECK_VALUE(q_heads >= 1 && head_dim >= 1, "q must have heads and head_dim, got shape ", q.sizes());
   ORTHRUS_CHECK_VALUE(device.is_cpu() || head_dim == 64 || head_dim == 128,
-                    "q.shape[2] (head_dim) must be 64 or 128 on CUDA, got ", head_dim);
+                      "q.shape[2] (head_dim) must be 64 or 128 on CUDA, got ", head_dim);
   ORTHRUS_CHECK_VALUE(kv_heads >= 1 && q_heads % kv_heads == 0, "k_cache.shape[1] (kv_heads = ", kv_heads,
-                    ") must divide q.shape[1] (q_heads = ", q_heads, ")");
+                      ") must divide q.shape[1] (q_heads = ", q_heads, ")");
   check_size(k_cache, "k_cache", 2, head_dim, "head_dim = q.shape[2]");
   ORTHRUS_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache ",
-                    k_cache.sizes(), ", got ", v_cache.sizes());
+                      k_cache.sizes(), ", got ", v_cache.sizes());
   check_contiguous(k_cache, "k_cache");
   check_contiguous(v_cache, "v_cache");
   check_finite(scale, "scale");
@@ -533,11 +533,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
   const void* v_block_data = nullptr;
   if (causal) {
     ORTHRUS_CHECK_VALUE(!k_block.has_value() && !v_block.has_value(),
-                      "k_block and v_block must be None when causal=True (the block's keys are read from the "
-                      "cache at rows [cache_len, cache_len + rows))");
+                        "k_block and v_block must be None when causal=True (the block's keys are read from the "
+                        "cache at rows [cache_len, cache_len + rows))");
   } else {
     ORTHRUS_CHECK_VALUE(k_block.has_value() && v_block.has_value(),
-                      "k_block and v_block are required when causal=False");
+                        "k_block and v_block are required when causal=False");
     for (const auto& [tensor, name] : {std::pair{&*k_block, "k_block"}, {&*v_block, "v_block"}}) {
       check_device(*tensor, name, device);
       check_dtype(*tensor, name, q.scalar_type());
@@ -557,8 +557,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
     const int64_t length = cache_len.item<int32_t>();
     const int64_t needed = causal ? length + rows : length;
     ORTHRUS_CHECK_VALUE(length >= 0 && needed <= cache_rows, "cache_len = ", length, " with ", rows,
-                      causal ? " block rows stored in the cache" : " cached rows", " exceeds k_cache (",
-                      cache_rows, " rows)");
+                        causal ? " block rows stored in the cache" : " cached rows", " exceeds k_cache (",
+                        cache_rows, " rows)");
     orthrus::attention_cpu(dtype, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                            cache_len.data_ptr<int32_t>(), k_block_data, v_block_data, out.data_ptr(), rows,
                            q_heads, kv_heads, head_dim, causal, static_cast<float>(scale));
