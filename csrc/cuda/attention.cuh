@@ -150,6 +150,11 @@ __device__ __forceinline__ void cp_async_16_or_zero(void* dst, const void* src, 
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
 // Partial results are stored with L2's evict-last priority: at long contexts the chunk kernel streams far
 // more keys and values through L2 than it holds, which would otherwise push the partials out before the
 // merge kernel reads them back. On an H100 (8B, 2026-11-22, 3 interleaved runs) the B = 32 iteration at 32K
@@ -165,11 +170,6 @@ __device__ __forceinline__ void store_float2(float* destination, float a, float 
   asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;\n" ::"l"(destination), "f"(a), "f"(b),
                "l"(policy)
                : "memory");
-}
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
 template <bool kTranspose>
@@ -513,7 +513,9 @@ __global__ void __launch_bounds__(kWarps * 32)
       store_float2(acc_out + j * 8 + 2 * lane_in_group, folded_acc[j][2 * half], folded_acc[j][2 * half + 1],
                    partial_policy);
     }
-    if (lane_in_group == 0) store_float2(partials.stats + slot * 2, folded_max[half], folded_sum[half], partial_policy);
+    if (lane_in_group == 0) {
+      store_float2(partials.stats + slot * 2, folded_max[half], folded_sum[half], partial_policy);
+    }
   }
 }
 
