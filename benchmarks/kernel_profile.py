@@ -5,6 +5,11 @@ PyTorch profiler and sums the device time of every kernel by name and pass. Kern
 profiler do not include the gaps between kernels, so 'kernels' is compared with the replay's wall time
 ('step'): the difference is launch gaps and dependency waits.
 
+'critical' is what each kernel adds to the pass: the time from the previous kernel's end to its own (the
+kernels of a stream end in order). With programmatic dependent launch (the default) a kernel starts early
+and waits, so its duration says little, while its critical share is what removing or speeding it could
+save; with ORTHRUS_PDL=0 the durations are each kernel's own work and the shares include launch gaps.
+
     python benchmarks/kernel_profile.py --out DIR [--model 8B] [--contexts 1024,32768] [--block-size 32]
 """
 
@@ -73,14 +78,21 @@ def profile_pass(run_pass, replays: int) -> dict:
             run_pass()
         torch.cuda.synchronize()
     totals: dict[str, float] = defaultdict(float)
+    critical: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for event in profiler.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+    events = sorted((event for event in profiler.events() if event.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda event: event.time_range.end)
+    previous_end = None
+    for event in events:
         name = short_name(event.name)
         totals[name] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+        # Launch gaps count for the kernel after them; the very first kernel is charged its own duration.
+        since = event.time_range.start if previous_end is None else previous_end
+        critical[name] += event.time_range.end - since
+        previous_end = event.time_range.end
         counts[name] += 1
-    kernels = {name: {"us": totals[name] / replays, "calls": counts[name] // replays}
+    kernels = {name: {"us": totals[name] / replays, "critical_us": critical[name] / replays,
+                      "calls": counts[name] // replays}
                for name in sorted(totals, key=totals.get, reverse=True)}
     return {"step_us": median(walls), "kernels_us": sum(k["us"] for k in kernels.values()), "kernels": kernels}
 
@@ -130,9 +142,10 @@ def main(argv=None) -> int:
     for context, passes in results["contexts"].items():
         for name, data in passes.items():
             lines.append(f"## context {context}, {name}: step {data['step_us']:.0f} us, kernels {data['kernels_us']:.0f} us")
-            lines.append("| kernel | us per step | calls |")
-            lines.append("|---|---|---|")
-            lines += [f"| {k} | {v['us']:.1f} | {v['calls']} |" for k, v in data["kernels"].items()]
+            lines.append("| kernel | us per step | critical us per step | calls |")
+            lines.append("|---|---|---|---|")
+            lines += [f"| {k} | {v['us']:.1f} | {v['critical_us']:.1f} | {v['calls']} |"
+                      for k, v in data["kernels"].items()]
             lines.append("")
     text = "\n".join(lines)
     (args.out / "kernel_profile.md").write_text(text)
