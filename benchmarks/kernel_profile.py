@@ -5,10 +5,12 @@ PyTorch profiler and sums the device time of every kernel by name and pass. Kern
 profiler do not include the gaps between kernels, so 'kernels' is compared with the replay's wall time
 ('step'): the difference is launch gaps and dependency waits.
 
-'critical' is what each kernel adds to the pass: the time from the previous kernel's end to its own (the
-kernels of a stream end in order). With programmatic dependent launch (the default) a kernel starts early
-and waits, so its duration says little, while its critical share is what removing or speeding it could
-save; with ORTHRUS_PDL=0 the durations are each kernel's own work and the shares include launch gaps.
+'critical' is the time from the previous kernel's end to each kernel's own (the kernels of a stream end in
+order); the shares add up to the pass. With programmatic dependent launch (the default) a kernel starts
+early and waits, so its duration says little; its share bounds what removing or speeding it could save,
+but only bounds it: the next kernel's early CTAs may be doing their own work (streaming weights) during
+that time, and would then simply end no sooner. With ORTHRUS_PDL=0 the durations are each kernel's own
+work and the shares include launch gaps.
 
     python benchmarks/kernel_profile.py --out DIR [--model 8B] [--contexts 1024,32768] [--block-size 32]
 """
