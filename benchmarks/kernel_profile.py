@@ -10,7 +10,8 @@ order); the shares add up to the pass. With programmatic dependent launch (the d
 early and waits, so its duration says little; its share bounds what removing or speeding it could save,
 but only bounds it: the next kernel's early CTAs may be doing their own work (streaming weights) during
 that time, and would then simply end no sooner. With ORTHRUS_PDL=0 the durations are each kernel's own
-work and the shares include launch gaps.
+work and the shares include launch gaps (a replay's first kernel also carries the host's gap between
+replays).
 
     python benchmarks/kernel_profile.py --out DIR [--model 8B] [--contexts 1024,32768] [--block-size 32]
 """
