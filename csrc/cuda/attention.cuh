@@ -7,13 +7,17 @@
 //
 // The chunk kernel gives one CTA a (tile of 64 or 128 query vectors, kv head, key range), where a query
 // vector is one (block row, q head of that kv head's group), so every K/V tile it loads serves the whole
-// GQA group and all block rows. Each warp owns 16 query vectors and runs tensor-core MMAs (m16n8k16) with
-// an online softmax over 64-key tiles. Its key range is either a whole chunk, whose splits it folds in
-// registers, or, when whole chunks would leave most SMs idle (short contexts), a single split whose state
-// the merge kernel folds. Both schedules compute the same operations on the same values, so the choice (made on the device
-// from the live length) never changes a bit.
+// GQA group and all block rows. Each warpgroup owns 64 query vectors (16 per warp) and runs Hopper's
+// warpgroup MMAs (wgmma, M = 64, queries and probabilities from registers, keys and values from shared
+// memory) with an online softmax over 64-key tiles. Against per-warp m16n8k16 MMAs, which read every K/V
+// tile from shared memory once per 16 vectors, the 32-row Qwen3-8B call at 32K keys went from 88.8 to
+// 71.8 µs per layer on an H100 (2026-11-22; the B = 32 iteration at 32K from 18.55 to 17.33 ms). Its key
+// range is either a whole chunk, whose splits it folds in registers, or, when whole chunks would leave most
+// SMs idle (short contexts), a single split whose state the merge kernel folds. Both schedules compute the
+// same operations on the same values, so the choice (made on the device from the live length) never
+// changes a bit.
 //
-// Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warp runs the
+// Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warpgroup runs the
 // same instruction sequence whatever the number of live rows (missing rows are zero padding); tile, split
 // and chunk boundaries are absolute positions; a row folds exactly the chunks that hold keys it may see; a
 // split or tile the row may not see at all (present only because a later row of the block sees it) leaves
@@ -25,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "element.cuh"
 #include "launch.cuh"
@@ -42,10 +47,10 @@ constexpr int kAttentionChunkKeys = kAttentionSplitKeys * kAttentionSplitsPerChu
 // 31.9 / 39.5, 8K: 58.7 / 53.9.
 constexpr int kAttentionWholeChunkMinWarps = 512;
 constexpr int kAttentionVectorsPerWarp = 16;
-// Warps per CTA: 4, or 8 when a kv head has more than 64 query vectors, so that each K/V tile a CTA loads
-// serves 128 of them (32 rows at 32K, Qwen3-8B heads: 93 -> 88 µs per layer call on an H100; with fewer
-// vectors the extra warps would idle and halve the CTAs per SM). A warp's arithmetic does not depend on
-// how many warps its CTA has, so the choice cannot change a bit.
+// Warps per CTA: 4 (one warpgroup), or 8 when a kv head has more than 64 query vectors, so that each K/V
+// tile a CTA loads serves 128 of them (32 rows at 32K, Qwen3-8B heads, with per-warp MMAs: 93 -> 88 µs
+// per layer call on an H100; with fewer vectors the extra warps would idle and halve the CTAs per SM). A
+// warpgroup's arithmetic does not depend on how many its CTA has, so the choice cannot change a bit.
 constexpr int attention_warps(int vectors) { return vectors > 4 * kAttentionVectorsPerWarp ? 8 : 4; }
 constexpr int kAttentionStages = 3;
 constexpr int kAttentionMergeWarps = 4;  // one CTA per (row, q head); warp w folds chunks w, w + 4, ...
@@ -131,21 +136,95 @@ struct FoldedState {
   }
 };
 
-// Padding each shared-memory row by 16 bytes puts the 8 rows of an ldmatrix 8x8 tile in distinct banks.
+// A K or V tile in shared memory: the keys' rows cut into 64-element (128-byte) column blocks, block b
+// at b * kAttentionSwizzleBlockBytes, key r at r * 128 within it, its 16-byte pieces permuted by r % 8 (the
+// tensor cores' 128-byte swizzle). Both operand roles read this one layout: keys as the N side of the
+// scores (K-major B) and as the K side of P V (N-major B); each 8-key stripe is 1024 bytes.
+constexpr int kAttentionSwizzleBlockBytes = kAttentionTileKeys * 128;
+
 template <int kHeadDim>
-constexpr int attention_smem_row() {
-  return kHeadDim + 8;
+__host__ __device__ constexpr int attention_tile_bytes() {
+  return kAttentionTileKeys * kHeadDim * 2;
 }
 
+// Stages of (K tile, V tile), plus slack to align them to the 1024-byte swizzle period.
 template <typename T, int kHeadDim>
 constexpr int attention_smem_bytes() {
-  return kAttentionStages * 2 * kAttentionTileKeys * attention_smem_row<kHeadDim>() * int(sizeof(T));
+  static_assert(sizeof(T) == 2, "16-bit elements");
+  return kAttentionStages * 2 * attention_tile_bytes<kHeadDim>() + 1024;
 }
 
-__device__ __forceinline__ void cp_async_16_or_zero(void* dst, const void* src, bool valid) {
-  const uint32_t dst_addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+// Byte offset of the 16-byte piece `segment` (elements 8 * segment ...) of key `key` in a tile.
+__device__ __forceinline__ int attention_tile_offset(int key, int segment) {
+  return (segment / 8) * kAttentionSwizzleBlockBytes + key * 128 + (((segment % 8) ^ (key % 8)) << 4);
+}
+
+// A wgmma shared-memory matrix descriptor for the 128-byte swizzle: the address and the two strides, in
+// 16-byte units.
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t smem_address, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  return uint64_t((smem_address & 0x3ffff) >> 4) | (uint64_t(leading_bytes >> 4) << 16) |
+         (uint64_t(stride_bytes >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from moving reads or writes of accumulator registers across wgmma_fence /
+// wgmma_wait_all: the asynchronous MMAs own them in between.
+template <int kCount>
+__device__ __forceinline__ void wgmma_fence_registers(float* registers) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(registers[i])::"memory");
+}
+
+#define ORTHRUS_WGMMA_ACC32                                                                                     \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define ORTHRUS_WGMMA_ACC64                                                                                      \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, "  \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "    \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define ORTHRUS_WGMMA_OUT8(c, i)                                                                             \
+  "+f"(c[i]), "+f"(c[i + 1]), "+f"(c[i + 2]), "+f"(c[i + 3]), "+f"(c[i + 4]), "+f"(c[i + 5]), "+f"(c[i + 6]), \
+      "+f"(c[i + 7])
+#define ORTHRUS_WGMMA_OUT32(c) \
+  ORTHRUS_WGMMA_OUT8(c, 0), ORTHRUS_WGMMA_OUT8(c, 8), ORTHRUS_WGMMA_OUT8(c, 16), ORTHRUS_WGMMA_OUT8(c, 24)
+#define ORTHRUS_WGMMA_OUT64(c) ORTHRUS_WGMMA_OUT32(c), ORTHRUS_WGMMA_OUT32((c + 32))
+// c (64 x kN, fp32, this thread's kN / 2 values) += a (64 x 16, registers) * b (16 x kN, shared memory),
+// with scale_c = 0 replacing c instead. kTransposeB: b's elements are contiguous along N.
+// One m64nNk16 wgmma with A in registers. SCALE and TAIL name the operands after the N / 2 accumulators.
+#define ORTHRUS_WGMMA_RS(N, TYPE, ACC, SCALE, TAIL, OUT)                                                  \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N    \
+               "k16.f32." TYPE "." TYPE " " ACC ", " TAIL ";\n}\n"                                        \
+               : OUT                                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(scale_c)), "n"(int(kTransposeB)))
+#define ORTHRUS_WGMMA_TAIL64 "{%32, %33, %34, %35}, %36, p, 1, 1, %38"
+#define ORTHRUS_WGMMA_TAIL128 "{%64, %65, %66, %67}, %68, p, 1, 1, %70"
+
+// c (64 x kN, fp32; this thread's kN / 2 values in the m16n8 accumulator order, n-tile by n-tile) +=
+// a (64 x 16; this warp's 16 rows as an m16n8k16 A fragment) * b (16 x kN, shared memory). scale_c ==
+// false replaces c instead. kTransposeB: b's elements are contiguous along N rather than along K.
+template <typename T, int kN, bool kTransposeB>
+__device__ __forceinline__ void wgmma_rs(float* c, const uint32_t (&a)[4], uint64_t b, bool scale_c) {
+  static_assert(kN == 64 || kN == 128, "the attention kernel's N sizes");
+  constexpr bool kBFloat16 = std::is_same_v<T, __nv_bfloat16>;
+  if constexpr (kN == 64 && kBFloat16) {
+    ORTHRUS_WGMMA_RS(64, "bf16", ORTHRUS_WGMMA_ACC32, "%37", ORTHRUS_WGMMA_TAIL64, ORTHRUS_WGMMA_OUT32(c));
+  } else if constexpr (kN == 64) {
+    ORTHRUS_WGMMA_RS(64, "f16", ORTHRUS_WGMMA_ACC32, "%37", ORTHRUS_WGMMA_TAIL64, ORTHRUS_WGMMA_OUT32(c));
+  } else if constexpr (kBFloat16) {
+    ORTHRUS_WGMMA_RS(128, "bf16", ORTHRUS_WGMMA_ACC64, "%69", ORTHRUS_WGMMA_TAIL128, ORTHRUS_WGMMA_OUT64(c));
+  } else {
+    ORTHRUS_WGMMA_RS(128, "f16", ORTHRUS_WGMMA_ACC64, "%69", ORTHRUS_WGMMA_TAIL128, ORTHRUS_WGMMA_OUT64(c));
+  }
+}
+
+// dst: a shared-memory address.
+__device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src, bool valid) {
   const int src_bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -172,46 +251,6 @@ __device__ __forceinline__ void store_float2(float* destination, float a, float 
                : "memory");
 }
 
-template <bool kTranspose>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  if constexpr (kTranspose) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-  }
-}
-
-// c += a (16x16, row-major) * b (16x8, column-major), fp32 accumulation. Not volatile: it touches no
-// memory, so the compiler may overlap it with the shared-memory loads feeding the next MMAs (volatile
-// asm keeps program order, which serialised every ldmatrix -> mma latency).
-template <typename T>
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma_16x8x16<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                           uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma_16x8x16<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                    uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Exclusive upper bound of the key positions block row `block_row` may see.
 __device__ __forceinline__ int attention_key_limit(const AttentionParams& p, int cache_len, int block_row) {
   return p.causal ? cache_len + block_row + 1 : cache_len + p.rows;
@@ -220,17 +259,18 @@ __device__ __forceinline__ int attention_key_limit(const AttentionParams& p, int
 template <typename T, int kHeadDim, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_chunk_kernel(const AttentionParams p) {
-  constexpr int kRow = attention_smem_row<kHeadDim>();
-  constexpr int kTileElems = kAttentionTileKeys * kRow;
+  constexpr int kTileBytes = attention_tile_bytes<kHeadDim>();
   constexpr int kDSteps = kHeadDim / 16;         // MMA k-steps over the head dimension (scores)
-  constexpr int kKeyTiles = kAttentionTileKeys / 8;  // MMA n-tiles over the keys of a tile (scores)
+  constexpr int kKeyTiles = kAttentionTileKeys / 8;  // 8-key n-tiles of the score accumulator
   constexpr int kKeySteps = kAttentionTileKeys / 16;  // MMA k-steps over the keys (P V)
-  constexpr int kDTiles = kHeadDim / 8;          // MMA n-tiles over the head dimension (P V)
+  constexpr int kDTiles = kHeadDim / 8;          // 8-wide n-tiles of the output accumulator
   constexpr int kSegmentsPerKey = kHeadDim / 8;  // 16-byte copies per key row
   constexpr int kThreads = kWarps * 32;
+  static_assert(kAttentionTileKeys == 64 && kWarps % 4 == 0, "a warpgroup's MMAs cover one 64-key tile");
 
   extern __shared__ uint4 attention_smem[];
-  T* const smem = reinterpret_cast<T*>(attention_smem);
+  // Stages start on the swizzle period (the swizzle is a function of the shared-memory address).
+  const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(attention_smem)) + 1023) & ~1023u;
 
   // Launched early (PDL, attention.cu): until the wait below, the previous kernel (the q/k/v projection)
   // may still be running, so only what earlier passes wrote is read before it: the length and the cached
@@ -259,7 +299,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane_in_group = lane % 4;
   const int vectors = p.rows * p.group;
   const int warp_first_vector = (vector_tile * kWarps + warp) * kAttentionVectorsPerWarp;
-  const bool warp_has_rows = warp_first_vector < vectors;
+  // The MMAs are warpgroup-wide: a warpgroup computes when any of its 64 vectors is real.
+  const bool warpgroup_has_rows = (vector_tile * kWarps + warp / 4 * 4) * kAttentionVectorsPerWarp < vectors;
 
   const T* const k_cache = static_cast<const T*>(p.k_cache);
   const T* const v_cache = static_cast<const T*>(p.v_cache);
@@ -276,9 +317,12 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Keys below this position are read from the cache: all live keys (causal), or the cached ones.
   const int cached_end = p.causal ? total_keys : cache_len;
 
+  // kKeysPerPass is a multiple of 8, so a thread's swizzled piece is at the same offset in every pass.
+  static_assert(kKeysPerPass % 8 == 0, "passes cover whole 8-key stripes");
+  const int thread_offset = attention_tile_offset(thread_key, thread_segment);
   auto load_tile = [&](int tile, int stage) {
-    T* const k_stage = smem + stage * 2 * kTileElems + thread_key * kRow + thread_segment * 8;
-    T* const v_stage = k_stage + kTileElems;
+    const uint32_t k_stage = smem + stage * 2 * kTileBytes + thread_offset;
+    const uint32_t v_stage = k_stage + kTileBytes;
     const int tile_start = range_start + tile * kAttentionTileKeys;
     if (tile_start + kAttentionTileKeys <= cached_end) {
       // Every key of the tile is live and cached: plain strided copies (the common case; the general
@@ -287,8 +331,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int pass = 0; pass < kAttentionTileKeys / kKeysPerPass; ++pass) {
         const size_t pass_offset = offset + size_t(pass * kKeysPerPass * key_stride);
-        cp_async_16_or_zero(k_stage + pass * kKeysPerPass * kRow, k_cache + pass_offset, true);
-        cp_async_16_or_zero(v_stage + pass * kKeysPerPass * kRow, v_cache + pass_offset, true);
+        cp_async_16_or_zero(k_stage + pass * kKeysPerPass * 128, k_cache + pass_offset, true);
+        cp_async_16_or_zero(v_stage + pass * kKeysPerPass * 128, v_cache + pass_offset, true);
       }
       return;
     }
@@ -305,8 +349,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         k_src = (cached ? k_cache : k_block) + offset;
         v_src = (cached ? v_cache : v_block) + offset;
       }
-      cp_async_16_or_zero(k_stage + pass * kKeysPerPass * kRow, k_src, live);
-      cp_async_16_or_zero(v_stage + pass * kKeysPerPass * kRow, v_src, live);
+      cp_async_16_or_zero(k_stage + pass * kKeysPerPass * 128, k_src, live);
+      cp_async_16_or_zero(v_stage + pass * kKeysPerPass * 128, v_src, live);
     }
   };
 
@@ -360,24 +404,20 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int j = 0; j < kDTiles; ++j) folded_acc[j][0] = folded_acc[j][1] = folded_acc[j][2] = folded_acc[j][3] = 0.f;
 
-  // Per-lane ldmatrix offsets (elements). Scores: matrices (keys 8j, d lo), (8j, d hi), (8j+8, lo),
-  // (8j+8, hi) give the B fragments of n-tiles j and j+1. P V (transposed): (keys lo, d 8j), (keys hi,
-  // d 8j), (lo, 8j+8), (hi, 8j+8).
-  const int k_lane_offset = ((lane / 16) * 8 + lane % 8) * kRow + ((lane / 8) % 2) * 8;
-  const int v_lane_offset = (((lane / 8) % 2) * 8 + lane % 8) * kRow + (lane / 16) * 8;
-
   for (int tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait<kAttentionStages - 2>();
+    // The MMAs read shared memory through the async proxy; the copies wrote it through the generic one.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();  // the tile has landed for every thread, and every warp is done with tile - 1
     {
       const int next = tile + kAttentionStages - 1;
       if (next < num_tiles) load_tile(next, next % kAttentionStages);
       cp_async_commit();
     }
-    if (!warp_has_rows) continue;
+    if (!warpgroup_has_rows) continue;
 
-    const T* const k_stage = smem + (tile % kAttentionStages) * 2 * kTileElems;
-    const T* const v_stage = k_stage + kTileElems;
+    const uint32_t k_stage = smem + (tile % kAttentionStages) * 2 * kTileBytes;
+    const uint32_t v_stage = k_stage + kTileBytes;
     const int tile_start = range_start + tile * kAttentionTileKeys;
     const bool split_begins = tile % kAttentionTilesPerSplit == 0;
     if (split_begins) {
@@ -387,21 +427,19 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int j = 0; j < kDTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     }
 
+    // Scores: keys are the N side, K-major; k-step d is 32 bytes into the swizzled row of its 64-column
+    // block. The first k-step replaces the previous tile's scores.
     float score[kKeyTiles][4];
-#pragma unroll
-    for (int j = 0; j < kKeyTiles; ++j) score[j][0] = score[j][1] = score[j][2] = score[j][3] = 0.f;
-    // All B fragments of a k-step are loaded before its MMAs, so the loads' latencies overlap.
+    wgmma_fence_registers<kKeyTiles * 4>(&score[0][0]);
+    wgmma_fence();
 #pragma unroll
     for (int d = 0; d < kDSteps; ++d) {
-      uint32_t b[kKeyTiles / 2][4];
-#pragma unroll
-      for (int j = 0; j < kKeyTiles; j += 2) ldmatrix_x4<false>(b[j / 2], k_stage + k_lane_offset + j * 8 * kRow + d * 16);
-#pragma unroll
-      for (int j = 0; j < kKeyTiles; j += 2) {
-        mma_16x8x16<T>(score[j], q_frag[d], b[j / 2][0], b[j / 2][1]);
-        mma_16x8x16<T>(score[j + 1], q_frag[d], b[j / 2][2], b[j / 2][3]);
-      }
+      const uint32_t address = k_stage + (d / 4) * kAttentionSwizzleBlockBytes + (d % 4) * 32;
+      wgmma_rs<T, kAttentionTileKeys, false>(&score[0][0], q_frag[d], wgmma_descriptor(address, 16, 1024), d > 0);
     }
+    wgmma_commit();
+    wgmma_wait_all();
+    wgmma_fence_registers<kKeyTiles * 4>(&score[0][0]);
 
     float tile_max[2] = {-INFINITY, -INFINITY};
     if (tile_start + kAttentionTileKeys <= warp_key_limit) {
@@ -464,17 +502,18 @@ __global__ void __launch_bounds__(kWarps * 32)
         acc[j][3] *= rescale[1];
       }
     }
+    // P V: keys are the K side, the head dimension the N side and contiguous (transposed B); k-step k is
+    // the 16 keys two 8-key stripes into the tile; the 64-column blocks are the N repeats.
+    wgmma_fence_registers<kDTiles * 4>(&acc[0][0]);
+    wgmma_fence();
 #pragma unroll
     for (int k = 0; k < kKeySteps; ++k) {
-      uint32_t b[kDTiles / 2][4];
-#pragma unroll
-      for (int j = 0; j < kDTiles; j += 2) ldmatrix_x4<true>(b[j / 2], v_stage + v_lane_offset + k * 16 * kRow + j * 8);
-#pragma unroll
-      for (int j = 0; j < kDTiles; j += 2) {
-        mma_16x8x16<T>(acc[j], p_frag[k], b[j / 2][0], b[j / 2][1]);
-        mma_16x8x16<T>(acc[j + 1], p_frag[k], b[j / 2][2], b[j / 2][3]);
-      }
+      const uint64_t descriptor = wgmma_descriptor(v_stage + k * 2 * 1024, kAttentionSwizzleBlockBytes, 1024);
+      wgmma_rs<T, kHeadDim, true>(&acc[0][0], p_frag[k], descriptor, true);
     }
+    wgmma_commit();
+    wgmma_wait_all();
+    wgmma_fence_registers<kDTiles * 4>(&acc[0][0]);
 
     if (tile % kAttentionTilesPerSplit == kAttentionTilesPerSplit - 1 || tile == num_tiles - 1) {
       FoldWeights weights[2];
@@ -497,7 +536,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA retires
 
-  if (!warp_has_rows) return;
+  if (!warpgroup_has_rows) return;
   const AttentionPartials& partials = split_mode ? p.splits : p.chunks;
   const uint64_t partial_policy = l2_evict_last_policy();
 #pragma unroll
