@@ -12,20 +12,15 @@ int64_t attention_num_chunks(int64_t max_keys) {
   return (max_keys + cuda_detail::kAttentionChunkKeys - 1) / cuda_detail::kAttentionChunkKeys;
 }
 
-int attention_warps(int64_t rows, int64_t q_heads, int64_t kv_heads) {
-  return cuda_detail::attention_warps(int(rows * (q_heads / kv_heads)));
-}
-
 int64_t attention_vector_tiles(int64_t rows, int64_t q_heads, int64_t kv_heads) {
   const int64_t vectors = rows * (q_heads / kv_heads);
-  const int64_t vectors_per_cta = attention_warps(rows, q_heads, kv_heads) * cuda_detail::kAttentionVectorsPerWarp;
-  return (vectors + vectors_per_cta - 1) / vectors_per_cta;
+  return (vectors + cuda_detail::kAttentionVectorsPerCta - 1) / cuda_detail::kAttentionVectorsPerCta;
 }
 
 // The most live chunks for which whole chunks would give fewer warps than kAttentionWholeChunkMinWarps.
 int64_t attention_split_mode_max_chunks(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t max_keys) {
   const int64_t warps_per_chunk =
-      kv_heads * attention_vector_tiles(rows, q_heads, kv_heads) * attention_warps(rows, q_heads, kv_heads);
+      kv_heads * attention_vector_tiles(rows, q_heads, kv_heads) * cuda_detail::kAttentionWarps;
   return std::min(attention_num_chunks(max_keys),
                   (cuda_detail::kAttentionWholeChunkMinWarps - 1) / warps_per_chunk);
 }
@@ -35,13 +30,13 @@ int64_t attention_slots(int64_t rows, int64_t q_heads, int64_t kv_heads, int64_t
          attention_split_mode_max_chunks(rows, q_heads, kv_heads, max_keys) * cuda_detail::kAttentionSplitsPerChunk;
 }
 
-template <typename T, int kHeadDim, int kWarps>
+template <typename T, int kHeadDim>
 cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t kv_heads, cudaStream_t stream) {
   using namespace cuda_detail;
   constexpr int kSmemBytes = attention_smem_bytes<T, kHeadDim>();
   // Above 48 KB of dynamic shared memory needs an opt-in; it is a function attribute, not a stream
   // operation, so it is legal during graph capture.
-  cudaError_t status = cudaFuncSetAttribute(attention_chunk_kernel<T, kHeadDim, kWarps>,
+  cudaError_t status = cudaFuncSetAttribute(attention_chunk_kernel<T, kHeadDim>,
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (status != cudaSuccess) return status;
   // Vector tiles are the fastest grid dimension: the CTAs reading the same K/V range run side by side
@@ -53,27 +48,18 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
   // (and those of the output projection after it) took SMs that the long-running chunk kernel still
   // needed: on an H100 (Qwen3-8B shape, 2026-11-22) AR at 32K context took 9.00 ms per token against
   // 8.05 ms, at 1K 7.04 against 6.60 ms, and the B = 32 iteration at 1K 14.85 against 14.25 ms.
-  status = launch_kernel(attention_chunk_kernel<T, kHeadDim, kWarps>, grid, dim3(kWarps * 32), kSmemBytes, stream,
+  status = launch_kernel(attention_chunk_kernel<T, kHeadDim>, grid, dim3(kAttentionWarps * 32), kSmemBytes, stream,
                          params);
   if (status != cudaSuccess) return status;
   return launch_kernel_after_previous(attention_merge_kernel<T, kHeadDim>, dim3(unsigned(params.rows * params.q_heads)),
                                       dim3(kAttentionMergeWarps * 32), 0, stream, params);
 }
 
-template <typename T, int kHeadDim>
-cudaError_t launch_attention_for_warps(const cuda_detail::AttentionParams& params, int64_t kv_heads,
-                                       cudaStream_t stream) {
-  if (attention_warps(params.rows, params.q_heads, kv_heads) == 8) {
-    return launch_attention<T, kHeadDim, 8>(params, kv_heads, stream);
-  }
-  return launch_attention<T, kHeadDim, 4>(params, kv_heads, stream);
-}
-
 template <typename T>
 cudaError_t launch_attention_for_head_dim(const cuda_detail::AttentionParams& params, int64_t kv_heads,
                                           int64_t head_dim, cudaStream_t stream) {
-  if (head_dim == 64) return launch_attention_for_warps<T, 64>(params, kv_heads, stream);
-  return launch_attention_for_warps<T, 128>(params, kv_heads, stream);
+  if (head_dim == 64) return launch_attention<T, 64>(params, kv_heads, stream);
+  return launch_attention<T, 128>(params, kv_heads, stream);
 }
 
 }  // namespace

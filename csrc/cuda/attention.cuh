@@ -5,14 +5,13 @@
 // chunk's state is the left fold of its splits' states (fold_weights, fold), starting from the empty state;
 // a row's output folds its chunks in an order fixed by the chunk indices alone.
 //
-// The chunk kernel gives one CTA a (tile of 64 or 128 query vectors, kv head, key range), where a query
-// vector is one (block row, q head of that kv head's group), so every K/V tile it loads serves the whole
-// GQA group and all block rows. Each warpgroup owns 64 query vectors (16 per warp) and runs Hopper's
-// warpgroup MMAs (wgmma, M = 64, queries and probabilities from registers, keys and values from shared
-// memory) with an online softmax over 64-key tiles. Against per-warp m16n8k16 MMAs, which read every K/V
-// tile from shared memory once per 16 vectors, the 32-row Qwen3-8B call at 32K keys went from 88.8 to
-// 71.8 µs per layer on an H100 (2026-11-22; the B = 32 iteration at 32K from 18.55 to 17.33 ms). Its key
-// range is either a whole chunk, whose splits it folds in registers, or, when whole chunks would leave most
+// The chunk kernel gives one CTA, one warpgroup, a (tile of 64 query vectors, kv head, key range), where a
+// query vector is one (block row, q head of that kv head's group), so every K/V tile it loads serves the
+// GQA group and up to 64 / group block rows. It runs Hopper's warpgroup MMAs (wgmma, M = 64: queries and
+// probabilities from registers, 16 vectors per warp; keys and values from shared memory) with an online
+// softmax over 64-key tiles. Against per-warp m16n8k16 MMAs, which read every K/V tile from shared memory
+// once per 16 vectors, the 32-row Qwen3-8B call at 32K keys went from 88.8 to 71.8 µs per layer on an H100
+// (2026-11-22; the B = 32 iteration at 32K from 18.55 to 17.33 ms). Its key range is either a whole chunk, whose splits it folds in registers, or, when whole chunks would leave most
 // SMs idle (short contexts), a single split whose state the merge kernel folds. Both schedules compute the
 // same operations on the same values, so the choice (made on the device from the live length) never
 // changes a bit.
@@ -47,11 +46,11 @@ constexpr int kAttentionChunkKeys = kAttentionSplitKeys * kAttentionSplitsPerChu
 // 31.9 / 39.5, 8K: 58.7 / 53.9.
 constexpr int kAttentionWholeChunkMinWarps = 512;
 constexpr int kAttentionVectorsPerWarp = 16;
-// Warps per CTA: 4 (one warpgroup), or 8 when a kv head has more than 64 query vectors, so that each K/V
-// tile a CTA loads serves 128 of them (32 rows at 32K, Qwen3-8B heads, with per-warp MMAs: 93 -> 88 µs
-// per layer call on an H100; with fewer vectors the extra warps would idle and halve the CTAs per SM). A
-// warpgroup's arithmetic does not depend on how many its CTA has, so the choice cannot change a bit.
-constexpr int attention_warps(int vectors) { return vectors > 4 * kAttentionVectorsPerWarp ? 8 : 4; }
+// One warpgroup per CTA. Two sharing each K/V tile (128 vectors) were slower: the CTA-wide barrier per tile
+// kept them in lockstep, both waiting on their MMAs at once (32 rows at 32K, Qwen3-8B heads, H100,
+// 2026-11-22: 71.6 against 67.7 µs per layer call).
+constexpr int kAttentionWarps = 4;
+constexpr int kAttentionVectorsPerCta = kAttentionWarps * kAttentionVectorsPerWarp;
 constexpr int kAttentionStages = 3;
 constexpr int kAttentionMergeWarps = 4;  // one CTA per (row, q head); warp w folds chunks w, w + 4, ...
 
@@ -256,8 +255,8 @@ __device__ __forceinline__ int attention_key_limit(const AttentionParams& p, int
   return p.causal ? cache_len + block_row + 1 : cache_len + p.rows;
 }
 
-template <typename T, int kHeadDim, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32)
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kAttentionWarps * 32)
     attention_chunk_kernel(const AttentionParams p) {
   constexpr int kTileBytes = attention_tile_bytes<kHeadDim>();
   constexpr int kDSteps = kHeadDim / 16;         // MMA k-steps over the head dimension (scores)
@@ -265,8 +264,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kKeySteps = kAttentionTileKeys / 16;  // MMA k-steps over the keys (P V)
   constexpr int kDTiles = kHeadDim / 8;          // 8-wide n-tiles of the output accumulator
   constexpr int kSegmentsPerKey = kHeadDim / 8;  // 16-byte copies per key row
-  constexpr int kThreads = kWarps * 32;
-  static_assert(kAttentionTileKeys == 64 && kWarps % 4 == 0, "a warpgroup's MMAs cover one 64-key tile");
+  constexpr int kThreads = kAttentionWarps * 32;
+  static_assert(kAttentionTileKeys == 64 && kAttentionWarps == 4, "the warpgroup's MMAs cover one 64-key tile");
 
   extern __shared__ uint4 attention_smem[];
   // Stages start on the swizzle period (the swizzle is a function of the shared-memory address).
@@ -298,9 +297,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane_group = lane / 4;   // the row (and row + 8) of the MMA fragments this lane holds
   const int lane_in_group = lane % 4;
   const int vectors = p.rows * p.group;
-  const int warp_first_vector = (vector_tile * kWarps + warp) * kAttentionVectorsPerWarp;
-  // The MMAs are warpgroup-wide: a warpgroup computes when any of its 64 vectors is real.
-  const bool warpgroup_has_rows = (vector_tile * kWarps + warp / 4 * 4) * kAttentionVectorsPerWarp < vectors;
+  // Warps past the last vector compute padding: the MMAs are warpgroup-wide.
+  const int warp_first_vector = vector_tile * kAttentionVectorsPerCta + warp * kAttentionVectorsPerWarp;
 
   const T* const k_cache = static_cast<const T*>(p.k_cache);
   const T* const v_cache = static_cast<const T*>(p.v_cache);
@@ -414,7 +412,6 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (next < num_tiles) load_tile(next, next % kAttentionStages);
       cp_async_commit();
     }
-    if (!warpgroup_has_rows) continue;
 
     const uint32_t k_stage = smem + (tile % kAttentionStages) * 2 * kTileBytes;
     const uint32_t v_stage = k_stage + kTileBytes;
@@ -536,7 +533,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   cp_async_wait<0>();  // no copy may still target shared memory when the CTA retires
 
-  if (!warpgroup_has_rows) return;
   const AttentionPartials& partials = split_mode ? p.splits : p.chunks;
   const uint64_t partial_policy = l2_evict_last_policy();
 #pragma unroll

@@ -14,17 +14,15 @@ HEADS = [(32, 8), (16, 8), (8, 8), (16, 2)]
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3}
 CHUNK = 1024  # the kernel's fixed chunk of absolute key positions; contexts below straddle its edges
 SPLIT = 128  # the kernel's unit of one online softmax (an eighth of a chunk)
-# Below this many warps of whole-chunk work ((chunk, kv head, vector tile) CTAs of 4 warps, or of 8 warps
-# when a kv head has more than 64 query vectors) the kernel gives each split its own CTA.
+# Below this many warps of whole-chunk work ((chunk, kv head, vector tile) CTAs of 4 warps, 64 query
+# vectors each) the kernel gives each split its own CTA.
 WHOLE_CHUNK_MIN_WARPS = 512
 
 
 def split_schedule_limit(rows, q_heads, kv_heads):
     """Keys up to which a call of `rows` rows takes the one-CTA-per-split schedule."""
-    vectors = rows * (q_heads // kv_heads)
-    warps = 8 if vectors > 64 else 4
-    vector_tiles = -(-vectors // (16 * warps))
-    return (WHOLE_CHUNK_MIN_WARPS - 1) // (kv_heads * vector_tiles * warps) * CHUNK
+    vector_tiles = -(-rows * (q_heads // kv_heads) // 64)
+    return (WHOLE_CHUNK_MIN_WARPS - 1) // (kv_heads * vector_tiles * 4) * CHUNK
 
 
 def random_context(limit=32768 - 64):
