@@ -11,10 +11,10 @@
 // probabilities from registers, 16 vectors per warp; keys and values from shared memory) with an online
 // softmax over 64-key tiles. Against per-warp m16n8k16 MMAs, which read every K/V tile from shared memory
 // once per 16 vectors, the 32-row Qwen3-8B call at 32K keys went from 88.8 to 71.8 µs per layer on an H100
-// (2026-11-22; the B = 32 iteration at 32K from 18.55 to 17.33 ms). Its key range is either a whole chunk, whose splits it folds in registers, or, when whole chunks would leave most
-// SMs idle (short contexts), a single split whose state the merge kernel folds. Both schedules compute the
-// same operations on the same values, so the choice (made on the device from the live length) never
-// changes a bit.
+// (2026-11-22; the B = 32 iteration at 32K from 18.55 to 17.33 ms). Its key range is either a whole
+// chunk, whose splits it folds in registers, or, when whole chunks would leave most SMs idle (short
+// contexts), a single split whose state the merge kernel folds. Both schedules compute the same operations
+// on the same values, so the choice (made on the device from the live length) never changes a bit.
 //
 // Why a row's bits cannot depend on the row count: rows of an MMA are independent; every warpgroup runs the
 // same instruction sequence whatever the number of live rows (missing rows are zero padding); tile, split
@@ -42,8 +42,9 @@ constexpr int kAttentionSplitsPerChunk = 8;
 constexpr int kAttentionChunkKeys = kAttentionSplitKeys * kAttentionSplitsPerChunk;
 // Whole chunks are the schedule while they give at least this many warps (about one 4-warp CTA per SM of
 // an H100); below it one CTA takes one split. Measured crossover on an H100, Qwen3-8B heads, µs per layer
-// call: 1 row, 8K keys: 23.2 split against 37.0 whole, 16K: 40.3 / 39.5, 32K: 69.0 / 56.0; 32 rows, 4K:
-// 31.9 / 39.5, 8K: 58.7 / 53.9.
+// call, with per-warp MMAs: 1 row, 8K keys: 23.2 split against 37.0 whole, 16K: 40.3 / 39.5, 32K: 69.0 /
+// 56.0; 32 rows, 4K: 31.9 / 39.5, 8K: 58.7 / 53.9. Re-measured with wgmma (2026-11-22), thresholds of 256,
+// 128 and 64 gained at most 1 µs and lost up to 11 µs at 1K-4K (benchmarks/results, ninth session).
 constexpr int kAttentionWholeChunkMinWarps = 512;
 constexpr int kAttentionVectorsPerWarp = 16;
 // One warpgroup per CTA. Two sharing each K/V tile (128 vectors) were slower: the CTA-wide barrier per tile
@@ -191,8 +192,6 @@ __device__ __forceinline__ void wgmma_fence_registers(float* registers) {
 #define ORTHRUS_WGMMA_OUT32(c) \
   ORTHRUS_WGMMA_OUT8(c, 0), ORTHRUS_WGMMA_OUT8(c, 8), ORTHRUS_WGMMA_OUT8(c, 16), ORTHRUS_WGMMA_OUT8(c, 24)
 #define ORTHRUS_WGMMA_OUT64(c) ORTHRUS_WGMMA_OUT32(c), ORTHRUS_WGMMA_OUT32((c + 32))
-// c (64 x kN, fp32, this thread's kN / 2 values) += a (64 x 16, registers) * b (16 x kN, shared memory),
-// with scale_c = 0 replacing c instead. kTransposeB: b's elements are contiguous along N.
 // One m64nNk16 wgmma with A in registers. SCALE and TAIL name the operands after the N / 2 accumulators.
 #define ORTHRUS_WGMMA_RS(N, TYPE, ACC, SCALE, TAIL, OUT)                                                  \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N    \
@@ -219,6 +218,14 @@ __device__ __forceinline__ void wgmma_rs(float* c, const uint32_t (&a)[4], uint6
     ORTHRUS_WGMMA_RS(128, "f16", ORTHRUS_WGMMA_ACC64, "%69", ORTHRUS_WGMMA_TAIL128, ORTHRUS_WGMMA_OUT64(c));
   }
 }
+#undef ORTHRUS_WGMMA_RS
+#undef ORTHRUS_WGMMA_TAIL64
+#undef ORTHRUS_WGMMA_TAIL128
+#undef ORTHRUS_WGMMA_OUT64
+#undef ORTHRUS_WGMMA_OUT32
+#undef ORTHRUS_WGMMA_OUT8
+#undef ORTHRUS_WGMMA_ACC64
+#undef ORTHRUS_WGMMA_ACC32
 
 // dst: a shared-memory address.
 __device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src, bool valid) {
