@@ -4,7 +4,12 @@ An iteration is two stages: `draft` (the diffusion pass, writing `drafts`) and `
 acceptance and rollback, writing `outputs` and moving `anchor` to the next anchor). Every input and output
 is a preallocated device tensor and every position is read from the cache's device-side length, so on
 CUDA each stage is captured once and replayed with no host work and no host sync; the host reads
-`outputs` once per iteration. On the CPU the same stages simply run eagerly.
+`outputs` once per iteration, through `readback`. On the CPU the same stages simply run eagerly.
+
+Nothing an iteration needs comes from the host, so the next iteration can be enqueued before the host has
+read this one's tokens: `readback` copies them to pinned host memory behind the iteration and returns a
+handle whose `tokens()` waits only for that copy. The GPU then never idles while the host reads, checks
+stop conditions and launches the next graphs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,24 @@ from .cache import KVCache
 from .decode import IterationOutputs, diffusion_drafts, verify_and_accept
 from .model import Qwen3
 from .sampling import SamplingParams
+
+
+# Readbacks a caller may hold unread at once: the iteration being read and the one enqueued ahead of it.
+READBACK_SLOTS = 2
+
+
+class Readback:
+    """One iteration's emitted tokens on their way to the host."""
+
+    def __init__(self, host: torch.Tensor, done: "torch.cuda.Event | None"):
+        self._host, self._done = host, done
+
+    def tokens(self) -> list[int]:
+        """The emitted tokens (waits until the iteration and its copy have finished)."""
+        if self._done is not None:
+            self._done.synchronize()
+        count, *block = self._host.tolist()
+        return block[:count]
 
 
 class IterationRunner:
@@ -29,6 +52,13 @@ class IterationRunner:
         self.outputs = IterationOutputs(drafts + 1, device)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self._draft_graph = self._verify_graph = None
+        # [count, tokens...] of an iteration, packed on the device, then copied to a ring of pinned buffers.
+        self._packed = torch.zeros(drafts + 2, dtype=torch.int64, device=device)
+        self._asynchronous = device.type == "cuda"
+        self._host = [torch.zeros(drafts + 2, dtype=torch.int64, pin_memory=self._asynchronous)
+                      for _ in range(READBACK_SLOTS)]
+        self._copied = [torch.cuda.Event() if self._asynchronous else None for _ in range(READBACK_SLOTS)]
+        self._next_slot = 0
         if self.use_graphs:
             self._capture()
 
@@ -81,3 +111,14 @@ class IterationRunner:
         if self.diffusion:
             self.draft()
         self.verify()
+
+    def readback(self) -> Readback:
+        """Starts copying the last enqueued iteration's tokens to the host. At most READBACK_SLOTS readbacks
+        may be held unread: a later one reuses the oldest one's buffer."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % READBACK_SLOTS
+        torch.cat([self.outputs.count.to(torch.int64), self.outputs.tokens], out=self._packed)
+        self._host[slot].copy_(self._packed, non_blocking=self._asynchronous)
+        if self._copied[slot] is not None:
+            self._copied[slot].record()
+        return Readback(self._host[slot], self._copied[slot])

@@ -38,6 +38,43 @@ def test_max_new_tokens_is_exact_even_mid_block(always_right):
         assert len(always_right.generate([4], max_new_tokens=limit).tokens) == limit
 
 
+@pytest.mark.parametrize("mode", ["ar", "orthrus"])
+@pytest.mark.parametrize("params", [dict(), dict(temperature=1.0, seed=3)], ids=["greedy", "sampled"])
+def test_reading_ahead_emits_the_same_tokens(tiny_orthrus, always_right, monkeypatch, mode, params):
+    """Iteration i + 1 enqueued before iteration i is read (the CUDA default) changes no token, wherever
+    max_new_tokens cuts a block; always_right accepts whole blocks, so the capacity bound is exercised
+    with a cache sized exactly to prompt + max_new_tokens + block."""
+    cases = [(tiny_orthrus, [5, 6, 7], limit) for limit in (1, 2, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5, 70)]
+    # Whole blocks reach 3 * BLOCK + 1 tokens with the last iteration unread: one more iteration enqueued
+    # then would write past the capacity.
+    limit = 3 * BLOCK + 3
+    prompt = [1 + i % 300 for i in range(1024 - limit - BLOCK)]
+    cases.append((always_right, prompt, limit))  # capacity: exactly 1024
+    for model, prompt, limit in cases:
+        results = []
+        for read_ahead in (False, True):
+            monkeypatch.setattr(model, "_read_ahead", read_ahead)
+            results.append(model.generate(prompt, max_new_tokens=limit, mode=mode, **params))
+        assert results[1].tokens == results[0].tokens
+        assert results[1].stats["accepted_histogram"] == results[0].stats["accepted_histogram"]
+    assert always_right._cache.capacity == 1024
+
+
+def test_reading_ahead_runs_one_iteration_past_a_stop(text_model, monkeypatch):
+    """The iteration enqueued ahead of the one that stops is discarded: its tokens are never read."""
+    readbacks = []
+    original = IterationRunner.readback
+    monkeypatch.setattr(IterationRunner, "readback", lambda runner: readbacks.append(1) or original(runner))
+    monkeypatch.setattr(text_model, "_read_ahead", True)
+    full = text_model.generate("hello world", max_new_tokens=60, mode="orthrus", temperature=1.0, seed=2)
+    stop = full.text[20:23]
+    readbacks.clear()
+    result = text_model.generate("hello world", max_new_tokens=60, mode="orthrus", temperature=1.0, seed=2,
+                                 stop=stop)
+    assert result.tokens == full.tokens[:len(result.tokens)] and len(result.tokens) < len(full.tokens)
+    assert len(readbacks) == result.stats["iterations"] + 1
+
+
 def test_eos_stops_generation_and_is_kept(tmp_path):
     weights = random_weights(TINY_CONFIG, orthrus=True, seed=1)
     weights["model.norm.weight"] = torch.zeros_like(weights["model.norm.weight"])  # always emits token 0

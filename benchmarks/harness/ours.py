@@ -1,8 +1,10 @@
 """Our engine's decode speed: AR steps and Orthrus iterations, replayed through IterationRunner.
 
-Each measurement drives the runner the way Model.generate does (stage replays, then one host read of the
-outputs per iteration) and marks the device timeline between the stages, so an iteration splits into the
-diffusion pass (`draft`), the verify pass (`verify`) and the rest (the host read and loop overhead).
+Each measurement drives the runner the way Model.generate does on CUDA (stage replays, then one host read
+of the outputs per iteration, made while the next iteration is already enqueued) and marks the device
+timeline between the stages. An iteration lasts from its start to the next iteration's start and splits
+into the diffusion pass (`draft`), the verify pass (`verify`) and the rest (the readback copy and whatever
+gap the host leaves between iterations).
 
 Acceptance is forced instead of hoped for: random weights make the diffusion view's drafts useless, so
 after each diffusion pass the harness overwrites `runner.drafts` with the AR continuation (computed first
@@ -41,12 +43,6 @@ class Repeats:
     cycle: int
 
 
-def read_outputs(runner: IterationRunner) -> tuple[int, list[int]]:
-    """The one host read of an iteration, exactly as Model.generate does it."""
-    count, *block = torch.cat([runner.outputs.count.to(torch.int64), runner.outputs.tokens]).tolist()
-    return count, block[:count]
-
-
 def fill_context(cache: KVCache, length: int, generator: torch.Generator) -> None:
     """Random keys and values for positions [0, length) in every layer; the cache then holds `length`.
 
@@ -68,29 +64,36 @@ def time_ar(runner: IterationRunner, clock, context: int, anchor: torch.Tensor, 
     runner.cache.rollback(context)
     runner.anchor.copy_(anchor)
     continuation = [int(anchor.item())]
-    marks = []
-    for step in range(repeats.ar_warmup + steps):
-        start = clock.mark()
+
+    def read(readback, step: int) -> None:
+        tokens = readback.tokens()
+        if len(tokens) != 1:
+            raise RuntimeError(f"AR step {step}: expected 1 token per step, the runner emitted {len(tokens)}")
+        continuation.extend(tokens)
+
+    starts, verified = [], []
+    pending = None
+    # One step more than timed: its start ends the last timed step.
+    for step in range(repeats.ar_warmup + steps + 1):
+        starts.append(clock.mark())
         runner.verify()
-        verified = clock.mark()
-        count, tokens = read_outputs(runner)
-        end = clock.mark()
-        if count != 1:
-            raise RuntimeError(f"AR step {step}: expected 1 token per step, the runner emitted {count}")
-        continuation += tokens
-        if step >= repeats.ar_warmup:
-            marks.append((start, verified, end))
+        verified.append(clock.mark())
+        readback = runner.readback()
+        if pending is not None:
+            read(pending, step - 1)
+        pending = readback
+    read(pending, repeats.ar_warmup + steps)
     clock.synchronize()
-    verify_ms = [clock.ms(s, v) for s, v, _ in marks]
-    rest_ms = [clock.ms(v, e) for _, v, e in marks]
-    total_ms = [clock.ms(s, e) for s, _, e in marks]
+    timed = range(repeats.ar_warmup, repeats.ar_warmup + steps)
+    total_ms = [clock.ms(starts[i], starts[i + 1]) for i in timed]
+    verify_ms = [clock.ms(starts[i], verified[i]) for i in timed]
     timing = {
         "context": context,
-        "steps": len(marks),
+        "steps": len(total_ms),
         "ms_per_token": median(total_ms),
         "verify_ms": median(verify_ms),
-        "rest_ms": median(rest_ms),
-        "tokens_per_second": 1e3 * len(marks) / sum(total_ms),
+        "rest_ms": median([t - v for t, v in zip(total_ms, verify_ms)]),
+        "tokens_per_second": 1e3 * len(total_ms) / sum(total_ms),
     }
     return timing, continuation
 
@@ -126,12 +129,23 @@ def time_orthrus(runner: IterationRunner, clock, context: int, continuation: lis
     """Orthrus iterations from the anchor continuation[0] at `context`, each emitting the number of tokens
     the tau schedule asks for."""
     block_size = runner.drafts.shape[0] + 1
-    total = repeats.iteration_warmup + repeats.iterations
+    # One iteration more than timed: its first mark ends the last timed iteration.
+    total = repeats.iteration_warmup + repeats.iterations + 1
     drafts, expected = forced_schedule(continuation, block_size, tau, total, repeats.cycle,
                                        runner.network.config.vocab_size, runner.drafts.device)
     anchor = torch.tensor([continuation[0]], dtype=torch.int64, device=runner.drafts.device)
-    marks, emitted, mismatches = [], [], 0
+    marks, emitted = [], []
+    mismatches = 0
+
+    def read(readback, index: int) -> None:
+        nonlocal mismatches
+        tokens = readback.tokens()
+        mismatches += tokens != expected[index]
+        emitted.append(len(tokens))
+
+    pending = None
     for index in range(total):
+        boundary = clock.mark()
         if index % repeats.cycle == 0:
             runner.cache.rollback(context)
             runner.anchor.copy_(anchor)
@@ -142,34 +156,36 @@ def time_orthrus(runner: IterationRunner, clock, context: int, continuation: lis
         forced = clock.mark()
         runner.verify()
         verified = clock.mark()
-        count, tokens = read_outputs(runner)
-        end = clock.mark()
-        if tokens != expected[index]:
-            mismatches += 1
-        if index >= repeats.iteration_warmup:
-            marks.append((start, drafted, forced, verified, end))
-            emitted.append(count)
+        readback = runner.readback()
+        marks.append((boundary, start, drafted, forced, verified))
+        if pending is not None:
+            read(pending, index - 1)
+        pending = readback
+    read(pending, total - 1)
     clock.synchronize()
-    draft_ms = [clock.ms(m[0], m[1]) for m in marks]
-    force_ms = [clock.ms(m[1], m[2]) for m in marks]
-    verify_ms = [clock.ms(m[2], m[3]) for m in marks]
-    rest_ms = [clock.ms(m[3], m[4]) for m in marks]
-    # The forcing copy is the harness's doing, not the engine's: it is kept out of the iteration time.
-    iteration_ms = [d + v + r for d, v, r in zip(draft_ms, verify_ms, rest_ms)]
+    timed = range(repeats.iteration_warmup, total - 1)
+    # Iteration i runs from its start to the next iteration's boundary (the harness's restart of a cycle,
+    # like its forcing copy, is kept out of the iteration time).
+    interval_ms = [clock.ms(marks[i][1], marks[i + 1][0]) for i in timed]
+    draft_ms = [clock.ms(marks[i][1], marks[i][2]) for i in timed]
+    force_ms = [clock.ms(marks[i][2], marks[i][3]) for i in timed]
+    verify_ms = [clock.ms(marks[i][3], marks[i][4]) for i in timed]
+    iteration_ms = [t - f for t, f in zip(interval_ms, force_ms)]
+    rest_ms = [i - d - v for i, d, v in zip(iteration_ms, draft_ms, verify_ms)]
+    timed_emitted = [emitted[i] for i in timed]
     return {
         "context": context,
         "block_size": block_size,
         "target_tokens_per_iteration": tau,
-        "iterations": len(marks),
+        "iterations": len(iteration_ms),
         "draft_ms": median(draft_ms),
         "verify_ms": median(verify_ms),
         "rest_ms": median(rest_ms),
         "iteration_ms": median(iteration_ms),
         "mean_iteration_ms": sum(iteration_ms) / len(iteration_ms),
         "harness_force_ms": median(force_ms),
-        "tokens_per_iteration": sum(emitted) / len(emitted),
-        "tokens_per_second": 1e3 * sum(emitted) / sum(iteration_ms),
+        "tokens_per_iteration": sum(timed_emitted) / len(timed_emitted),
+        "tokens_per_second": 1e3 * sum(timed_emitted) / sum(iteration_ms),
         "matches_ar": mismatches == 0,
         "mismatched_iterations": mismatches,
     }
-
