@@ -27,8 +27,11 @@ class IterationOutputs:
         self.next_anchor = torch.zeros(1, dtype=torch.int64, device=device)
 
 
-def positions_after(cache: KVCache, rows: int) -> torch.Tensor:
-    """Absolute positions cache.length + 1 .. cache.length + rows: where row j's prediction lands."""
+def positions_after(cache: KVCache, rows: int, params: SamplingParams) -> torch.Tensor | None:
+    """Absolute positions cache.length + 1 .. cache.length + rows: where row j's prediction lands. None for
+    greedy decoding, which draws no noise (so a decode step spends no kernels on them)."""
+    if params.greedy:
+        return None
     offsets = torch.arange(1, rows + 1, device=cache.length.device, dtype=torch.int64)
     return cache.length.to(torch.int64) + offsets
 
@@ -47,13 +50,13 @@ def diffusion_drafts(model: Qwen3, cache: KVCache, anchor: torch.Tensor, params:
     block = torch.full((block_size,), model.config.mask_token_id, dtype=torch.int64, device=anchor.device)
     block[:1] = anchor
     hidden = model.forward(block, cache, DIFFUSION_VIEW)
-    return sample(model.logits(hidden[:-1]), positions_after(cache, block_size - 1), params)
+    return sample(model.logits(hidden[:-1]), positions_after(cache, block_size - 1, params), params)
 
 
 def verify_and_accept(model: Qwen3, cache: KVCache, anchor: torch.Tensor, drafts: torch.Tensor,
                       params: SamplingParams, outputs: IterationOutputs) -> None:
-    block = torch.cat([anchor, drafts])
+    block = torch.cat([anchor, drafts]) if drafts.numel() else anchor
     hidden = model.forward(block, cache, AR_VIEW)
-    targets = sample(model.logits(hidden), positions_after(cache, block.shape[0]), params)
+    targets = sample(model.logits(hidden), positions_after(cache, block.shape[0], params), params)
     outputs.tokens[:targets.shape[0]] = targets
     ops.accept(drafts, targets, cache.length, outputs.count, outputs.next_anchor)

@@ -93,8 +93,11 @@ def _top_p_row(scores: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     return scores.masked_fill(scores < threshold, float("-inf"))
 
 
-def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """int64 [rows]: the token drawn for each logits row; row i is the token at `positions[i]`."""
+def sample(logits: torch.Tensor, positions: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
+    """int64 [rows]: the token drawn for each logits row; row i is the token at `positions[i]` (unused, and
+    may be None, for greedy decoding)."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
     if logits.device.type == "cpu":
         # CPU elementwise kernels switch between vector and scalar code at offsets that depend on the
         # tensor's size; one row at a time makes each row's arithmetic that of a 1-row call.
@@ -104,7 +107,5 @@ def sample(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams
 
 
 def _sample_block(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    if params.greedy:
-        return logits.argmax(dim=-1)
     scores = filter_logits(logits, params) + gumbel_noise(params.seed, positions, logits.shape[-1])
     return scores.argmax(dim=-1)
