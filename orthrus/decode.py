@@ -44,19 +44,20 @@ def prefill(model: Qwen3, cache: KVCache, prompt: torch.Tensor, params: Sampling
     return sample(model.logits(hidden[-1:]), cache.length.to(torch.int64), params)
 
 
-def diffusion_drafts(model: Qwen3, cache: KVCache, anchor: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """block_size - 1 proposals from one diffusion pass over [anchor, MASK, ..., MASK]."""
+def diffusion_drafts(model: Qwen3, cache: KVCache, anchor: torch.Tensor, params: SamplingParams,
+                     key: torch.Tensor | None = None) -> torch.Tensor:
+    """block_size - 1 proposals from one diffusion pass over [anchor, MASK, ..., MASK]. `key`: see sample."""
     block_size = model.config.block_size
     block = torch.full((block_size,), model.config.mask_token_id, dtype=torch.int64, device=anchor.device)
     block[:1] = anchor
     hidden = model.forward(block, cache, DIFFUSION_VIEW)
-    return sample(model.logits(hidden[:-1]), positions_after(cache, block_size - 1, params), params)
+    return sample(model.logits(hidden[:-1]), positions_after(cache, block_size - 1, params), params, key)
 
 
 def verify_and_accept(model: Qwen3, cache: KVCache, anchor: torch.Tensor, drafts: torch.Tensor,
-                      params: SamplingParams, outputs: IterationOutputs) -> None:
+                      params: SamplingParams, outputs: IterationOutputs, key: torch.Tensor | None = None) -> None:
     block = torch.cat([anchor, drafts]) if drafts.numel() else anchor
     hidden = model.forward(block, cache, AR_VIEW)
-    targets = sample(model.logits(hidden), positions_after(cache, block.shape[0], params), params)
+    targets = sample(model.logits(hidden), positions_after(cache, block.shape[0], params), params, key)
     outputs.tokens[:targets.shape[0]] = targets
     ops.accept(drafts, targets, cache.length, outputs.count, outputs.next_anchor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -136,16 +136,19 @@ class Model:
         return cache
 
     def _runner(self, mode: str, params: SamplingParams, cache: KVCache, block_rows: int) -> IterationRunner:
-        """Runners (and their CUDA graphs) are kept per mode and sampling parameters: a repeated call
-        replays the graphs captured by the first."""
+        """Runners (and their CUDA graphs) are kept per mode and sampling parameters other than the seed,
+        which the graphs read from the device: a repeated call replays the graphs captured by the first,
+        whatever its seed."""
         if mode == "ngram":  # the number of drafts changes every iteration: nothing to capture
             return IterationRunner(self.network, cache, params, drafts=block_rows - 1, diffusion=False,
                                    use_graphs=False)
-        key = (mode, params)
+        key = (mode, replace(params, seed=0))
         if key not in self._runners:
             self._runners[key] = IterationRunner(self.network, cache, params, drafts=block_rows - 1,
                                                  diffusion=mode == "orthrus")
-        return self._runners[key]
+        runner = self._runners[key]
+        runner.use_seed(params.seed)
+        return runner
 
     # ------------------------------------------------------------------------------------------------------
     def generate(self, prompt, *, max_new_tokens: int = 256, mode: str = "orthrus", temperature: float = 0.0,

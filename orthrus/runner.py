@@ -19,7 +19,7 @@ import torch
 from .cache import KVCache
 from .decode import IterationOutputs, diffusion_drafts, verify_and_accept
 from .model import Qwen3
-from .sampling import SamplingParams
+from .sampling import SamplingParams, seed_key
 
 
 # Readbacks a caller may hold unread at once: the iteration being read and the one enqueued ahead of it.
@@ -50,6 +50,8 @@ class IterationRunner:
         self.anchor = torch.zeros(1, dtype=torch.int64, device=device)
         self.drafts = torch.zeros(drafts, dtype=torch.int64, device=device)
         self.outputs = IterationOutputs(drafts + 1, device)
+        # The seed the stages sample with lives on the device, so use_seed switches it without a new capture.
+        self.seed_key = torch.tensor([seed_key(params.seed)], dtype=torch.int64, device=device)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self._draft_graph = self._verify_graph = None
         # [count, tokens...] of an iteration, packed on the device, then copied to a ring of pinned buffers.
@@ -63,10 +65,11 @@ class IterationRunner:
             self._capture()
 
     def _draft_eager(self) -> None:
-        self.drafts.copy_(diffusion_drafts(self.network, self.cache, self.anchor, self.params))
+        self.drafts.copy_(diffusion_drafts(self.network, self.cache, self.anchor, self.params, self.seed_key))
 
     def _verify_eager(self) -> None:
-        verify_and_accept(self.network, self.cache, self.anchor, self.drafts, self.params, self.outputs)
+        verify_and_accept(self.network, self.cache, self.anchor, self.drafts, self.params, self.outputs,
+                          self.seed_key)
         self.anchor.copy_(self.outputs.next_anchor)
 
     def _capture(self) -> None:
@@ -106,6 +109,10 @@ class IterationRunner:
             self._verify_graph.replay()
         else:
             self._verify_eager()
+
+    def use_seed(self, seed: int) -> None:
+        """Sample with `seed` from the next stage on (params.seed is only the initial one)."""
+        self.seed_key.fill_(seed_key(seed))
 
     def step(self) -> None:
         if self.diffusion:

@@ -55,11 +55,17 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """float32 [rows, vocab]: standard Gumbel noise keyed by (seed, position, token id)."""
+def seed_key(seed: int) -> int:
+    """The hash of a seed that every row's noise key starts from. Mixed on the host: a captured CUDA graph
+    reads it from a device tensor that is filled before replays, so that one graph serves every seed."""
+    return _mix32(seed)
+
+
+def gumbel_noise(key: int | torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 [rows, vocab]: standard Gumbel noise keyed by (seed, position, token id); `key` is the seed's
+    seed_key, an int or a one-element int64 tensor on the positions' device."""
     token_ids = torch.arange(vocab_size, device=positions.device, dtype=torch.int64)
-    # The seed is mixed as a Python int: a CUDA graph capture may not copy host data to the device.
-    row_keys = _mix32((positions.to(torch.int64) & _MASK32) ^ _mix32(seed))
+    row_keys = _mix32((positions.to(torch.int64) & _MASK32) ^ key)
     bits = _mix32(row_keys[:, None] ^ _mix32((token_ids + 0x9E3779B9) & _MASK32)[None, :])
     # 24 random bits -> uniform in (0, 1), never 0 or 1, so both logs stay finite.
     uniform = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
@@ -93,19 +99,23 @@ def _top_p_row(scores: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
     return scores.masked_fill(scores < threshold, float("-inf"))
 
 
-def sample(logits: torch.Tensor, positions: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
+def sample(logits: torch.Tensor, positions: torch.Tensor | None, params: SamplingParams,
+           key: torch.Tensor | None = None) -> torch.Tensor:
     """int64 [rows]: the token drawn for each logits row; row i is the token at `positions[i]` (unused, and
-    may be None, for greedy decoding)."""
+    may be None, for greedy decoding). `key`: a device tensor holding the seed_key to sample with (what a
+    captured graph reads); by default params.seed's."""
     if params.greedy:
         return logits.argmax(dim=-1)
+    key = seed_key(params.seed) if key is None else key
     if logits.device.type == "cpu":
         # CPU elementwise kernels switch between vector and scalar code at offsets that depend on the
         # tensor's size; one row at a time makes each row's arithmetic that of a 1-row call.
-        return torch.cat([_sample_block(logits[i:i + 1], positions[i:i + 1], params)
+        return torch.cat([_sample_block(logits[i:i + 1], positions[i:i + 1], params, key)
                           for i in range(logits.shape[0])])
-    return _sample_block(logits, positions, params)
+    return _sample_block(logits, positions, params, key)
 
 
-def _sample_block(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    scores = filter_logits(logits, params) + gumbel_noise(params.seed, positions, logits.shape[-1])
+def _sample_block(logits: torch.Tensor, positions: torch.Tensor, params: SamplingParams,
+                  key: int | torch.Tensor) -> torch.Tensor:
+    scores = filter_logits(logits, params) + gumbel_noise(key, positions, logits.shape[-1])
     return scores.argmax(dim=-1)

@@ -75,6 +75,25 @@ def test_reading_ahead_runs_one_iteration_past_a_stop(text_model, monkeypatch):
     assert len(readbacks) == result.stats["iterations"] + 1
 
 
+def test_one_runner_serves_every_seed(tmp_path):
+    """Runners (CUDA graphs) are kept per sampling parameters without the seed, which they read from the
+    device: a new seed reuses them and still samples exactly what a fresh model samples with it."""
+    directory = write_checkpoint(tmp_path)
+    model, fresh = orthrus.load(directory, device="cpu"), orthrus.load(directory, device="cpu")
+    for mode in ("ar", "orthrus"):
+        for seed in (5, 6, 5):
+            reused = model.generate([3, 1, 4], max_new_tokens=30, mode=mode, temperature=1.0, seed=seed)
+            fresh._runners.clear()
+            assert reused.tokens == fresh.generate([3, 1, 4], max_new_tokens=30, mode=mode, temperature=1.0,
+                                                   seed=seed).tokens
+        model.generate([3, 1, 4], max_new_tokens=5, mode=mode)  # greedy, a random seed each call
+        model.generate([3, 1, 4], max_new_tokens=5, mode=mode)
+        assert sorted(params.temperature for m, params in model._runners if m == mode) == [0.0, 1.0]
+    seeds = [model.generate([3, 1, 4], max_new_tokens=30, mode="orthrus", temperature=1.0, seed=s).tokens
+             for s in (5, 6)]
+    assert seeds[0] != seeds[1]
+
+
 def test_eos_stops_generation_and_is_kept(tmp_path):
     weights = random_weights(TINY_CONFIG, orthrus=True, seed=1)
     weights["model.norm.weight"] = torch.zeros_like(weights["model.norm.weight"])  # always emits token 0
