@@ -124,3 +124,23 @@ def test_forced_full_acceptance_equals_ar(network, sampled):
     print(f"{params}: {len(prompts)} prompts, {checked} fully forced iterations of {block} tokens, "
           f"{len(mismatches)} mismatches")
     assert not mismatches, f"(prompt, prompt length, iteration start, tokens emitted): {mismatches[:10]}"
+
+
+def test_captured_runners_serve_every_seed(network):
+    """Runners (CUDA graphs) are kept per sampling parameters without the seed, which the graphs read from
+    the device: a reused runner must sample, for each seed, what a freshly captured one samples, and
+    Orthrus must still equal AR for each."""
+    network = flat_logits(network)
+    model = Model(network.config, network, None, "random Qwen3-1.7B shape, flat logits")
+    prompts = random_prompts(8)
+    mismatches = []
+    for seed in (5, 6, 5, 7):
+        params = dict(temperature=1.0, top_k=200, top_p=0.95, seed=seed)
+        for index, prompt in enumerate(prompts):
+            fresh = Model(network.config, network, None, "fresh runners")
+            expected = fresh.generate(prompt, max_new_tokens=NEW_TOKENS, mode="orthrus", **params).tokens
+            for mode in ("orthrus", "ar"):
+                if model.generate(prompt, max_new_tokens=NEW_TOKENS, mode=mode, **params).tokens != expected:
+                    mismatches.append((seed, index, mode))
+    assert len(model._runners) == 2  # one per mode, for three seeds
+    assert not mismatches, f"(seed, prompt, mode): {mismatches[:10]}"
