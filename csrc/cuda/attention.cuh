@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "copy_async.cuh"
 #include "element.cuh"
 #include "launch.cuh"
 
@@ -227,19 +228,6 @@ __device__ __forceinline__ void wgmma_rs(float* c, const uint32_t (&a)[4], uint6
 #undef ORTHRUS_WGMMA_ACC64
 #undef ORTHRUS_WGMMA_ACC32
 
-// dst: a shared-memory address.
-__device__ __forceinline__ void cp_async_16_or_zero(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;  // 0: nothing is read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 // Partial results are stored with L2's evict-last priority: at long contexts the chunk kernel streams far
 // more keys and values through L2 than it holds, which would otherwise push the partials out before the
 // merge kernel reads them back. On an H100 (8B, 2026-11-22, 3 interleaved runs) the B = 32 iteration at 32K
@@ -336,8 +324,8 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
 #pragma unroll
       for (int pass = 0; pass < kAttentionTileKeys / kKeysPerPass; ++pass) {
         const size_t pass_offset = offset + size_t(pass * kKeysPerPass * key_stride);
-        cp_async_16_or_zero(k_stage + pass * kKeysPerPass * 128, k_cache + pass_offset, true);
-        cp_async_16_or_zero(v_stage + pass * kKeysPerPass * 128, v_cache + pass_offset, true);
+        copy_async_16<CopyCache::kL2Only>(k_stage + pass * kKeysPerPass * 128, k_cache + pass_offset, true);
+        copy_async_16<CopyCache::kL2Only>(v_stage + pass * kKeysPerPass * 128, v_cache + pass_offset, true);
       }
       return;
     }
@@ -354,8 +342,8 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
         k_src = (cached ? k_cache : k_block) + offset;
         v_src = (cached ? v_cache : v_block) + offset;
       }
-      cp_async_16_or_zero(k_stage + pass * kKeysPerPass * 128, k_src, live);
-      cp_async_16_or_zero(v_stage + pass * kKeysPerPass * 128, v_src, live);
+      copy_async_16<CopyCache::kL2Only>(k_stage + pass * kKeysPerPass * 128, k_src, live);
+      copy_async_16<CopyCache::kL2Only>(v_stage + pass * kKeysPerPass * 128, v_src, live);
     }
   };
 
@@ -366,7 +354,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   for (int s = 0; s < kAttentionStages - 1; ++s) {
     if (s < num_tiles && range_start + (s + 1) * kAttentionTileKeys <= cache_len && prefetched == s) {
       load_tile(s, s);
-      cp_async_commit();
+      copy_async_commit();
       ++prefetched;
     }
   }
@@ -375,7 +363,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   for (int s = 0; s < kAttentionStages - 1; ++s) {
     if (s < prefetched) continue;
     if (s < num_tiles) load_tile(s, s);
-    cp_async_commit();
+    copy_async_commit();
   }
 
   // Query fragments (A operand of the score MMA) for this lane's two rows; padding rows are zero.
@@ -410,14 +398,14 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
   for (int j = 0; j < kDTiles; ++j) folded_acc[j][0] = folded_acc[j][1] = folded_acc[j][2] = folded_acc[j][3] = 0.f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<kAttentionStages - 2>();
+    copy_async_wait<kAttentionStages - 2>();
     // The MMAs read shared memory through the async proxy; the copies wrote it through the generic one.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();  // the tile has landed for every thread, and every warp is done with tile - 1
     {
       const int next = tile + kAttentionStages - 1;
       if (next < num_tiles) load_tile(next, next % kAttentionStages);
-      cp_async_commit();
+      copy_async_commit();
     }
 
     const uint32_t k_stage = smem + (tile % kAttentionStages) * 2 * kTileBytes;
@@ -538,7 +526,7 @@ __global__ void __launch_bounds__(kAttentionWarps * 32)
       }
     }
   }
-  cp_async_wait<0>();  // no copy may still target shared memory when the CTA retires
+  copy_async_wait<0>();  // no copy may still target shared memory when the CTA retires
 
   const AttentionPartials& partials = split_mode ? p.splits : p.chunks;
   const uint64_t partial_policy = l2_evict_last_policy();

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "copy_async.cuh"
 #include "element.cuh"
 #include "launch.cuh"
 #include "norm_rope.cuh"
@@ -96,24 +97,6 @@ __device__ __forceinline__ uint4 load_weight_vector(const void* pointer) {
   return v;
 }
 
-__device__ __forceinline__ void copy_async_16(void* shared_destination, const void* source, bool valid) {
-  const uint32_t destination = static_cast<uint32_t>(__cvta_generic_to_shared(shared_destination));
-  // A source size of 0 makes the copy write 16 zero bytes and read nothing. Every CTA re-reads the same x
-  // chunks, and the two CTAs an SM holds stream the same chunk range at about the same time, so x is
-  // cached in L1 (.ca): at 32 rows x adds half as many bytes as the weights. On an H100 (8B, B = 32,
-  // 2026-11-22, 4 interleaved runs each) the 1K iteration took 13.83 ms against 13.98 with .cg; the AR
-  // step, 64 keys and 32K were unchanged.
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(source),
-               "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int kPending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
 template <int kIndex>
 __device__ __forceinline__ uint32_t word(const uint4& v) {
   if constexpr (kIndex == 0) return v.x;
@@ -157,7 +140,12 @@ __device__ __forceinline__ void stage_x_chunk(const LinearParams& p, int chunk, 
     T* destination = buffer + row * kLinearXPitch + column;
     const T* source = x + int64_t(row) * p.x_row_stride + k;
     if (p.x_vector_loads) {
-      copy_async_16(destination, valid ? source : x, valid);
+      // Every CTA re-reads the same x chunks, and the two CTAs an SM holds stream the same chunk range at
+      // about the same time, so x is cached in L1: at 32 rows x adds half as many bytes as the weights. On
+      // an H100 (8B, B = 32, 2026-11-22, 4 interleaved runs each) the 1K iteration took 13.83 ms against
+      // 13.98 with L2 only; the AR step, 64 keys and 32K were unchanged.
+      copy_async_16<CopyCache::kL1AndL2>(static_cast<uint32_t>(__cvta_generic_to_shared(destination)),
+                                         valid ? source : x, valid);
     } else {
       uint16_t values[8];
 #pragma unroll
