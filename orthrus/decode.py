@@ -18,13 +18,13 @@ from .sampling import SamplingParams, sample
 
 
 class IterationOutputs:
-    """Device buffers one iteration writes: `tokens[:count]` are the emitted tokens, `next_anchor` the
-    token the next iteration starts from (tokens[count - 1])."""
+    """The device buffer an iteration's acceptance writes, `emitted` = [count, tokens...]: `tokens[:count]`
+    are the emitted tokens. One buffer, so that the host reads an iteration with one copy."""
 
     def __init__(self, block_rows: int, device):
-        self.tokens = torch.zeros(block_rows, dtype=torch.int64, device=device)
-        self.count = torch.zeros(1, dtype=torch.int32, device=device)
-        self.next_anchor = torch.zeros(1, dtype=torch.int64, device=device)
+        self.emitted = torch.zeros(block_rows + 1, dtype=torch.int64, device=device)
+        self.count = self.emitted[:1]
+        self.tokens = self.emitted[1:]
 
 
 def positions_after(cache: KVCache, rows: int, params: SamplingParams) -> torch.Tensor | None:
@@ -36,12 +36,22 @@ def positions_after(cache: KVCache, rows: int, params: SamplingParams) -> torch.
     return cache.length.to(torch.int64) + offsets
 
 
+def draw(model: Qwen3, hidden: torch.Tensor, positions: torch.Tensor | None, params: SamplingParams,
+         key: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [rows]: the token each row of final hidden states draws, row i's landing at positions[i]. Greedy
+    decoding takes the argmax straight out of the lm_head projection, with no logits written; sampling
+    draws from the logits (sampling.sample, which also explains `key`)."""
+    if params.greedy:
+        return model.greedy_tokens(hidden)
+    return sample(model.logits(hidden), positions, params, key)
+
+
 def prefill(model: Qwen3, cache: KVCache, prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Run the prompt through the AR view from position 0; returns the first generated token [1]."""
     cache.rollback(0)
     hidden = model.forward(prompt, cache, AR_VIEW)
     cache.rollback(prompt.shape[0])
-    return sample(model.logits(hidden[-1:]), cache.length.to(torch.int64), params)
+    return draw(model, hidden[-1:], cache.length.to(torch.int64), params)
 
 
 def diffusion_drafts(model: Qwen3, cache: KVCache, anchor: torch.Tensor, params: SamplingParams,
@@ -51,13 +61,14 @@ def diffusion_drafts(model: Qwen3, cache: KVCache, anchor: torch.Tensor, params:
     block = torch.full((block_size,), model.config.mask_token_id, dtype=torch.int64, device=anchor.device)
     block[:1] = anchor
     hidden = model.forward(block, cache, DIFFUSION_VIEW)
-    return sample(model.logits(hidden[:-1]), positions_after(cache, block_size - 1, params), params, key)
+    return draw(model, hidden[:-1], positions_after(cache, block_size - 1, params), params, key)
 
 
 def verify_and_accept(model: Qwen3, cache: KVCache, anchor: torch.Tensor, drafts: torch.Tensor,
                       params: SamplingParams, outputs: IterationOutputs, key: torch.Tensor | None = None) -> None:
+    """Verifies [anchor, drafts], writes `outputs` and replaces `anchor` with the next iteration's."""
     block = torch.cat([anchor, drafts]) if drafts.numel() else anchor
     hidden = model.forward(block, cache, AR_VIEW)
-    targets = sample(model.logits(hidden), positions_after(cache, block.shape[0], params), params, key)
-    outputs.tokens[:targets.shape[0]] = targets
-    ops.accept(drafts, targets, cache.length, outputs.count, outputs.next_anchor)
+    targets = draw(model, hidden, positions_after(cache, block.shape[0], params), params, key)
+    emitted = outputs.emitted[:targets.shape[0] + 1]  # n-gram blocks may be shorter than the buffer
+    ops.accept(drafts, targets, cache.length, emitted, anchor)

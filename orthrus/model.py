@@ -85,10 +85,10 @@ class Qwen3:
 
         The AR view stores its keys and values at those positions; the diffusion view leaves the cache as
         it was."""
-        x = self.embed[tokens]  # the residual stream, updated in place by add_rms_norm
         eps = self.config.rms_norm_eps
+        # x: the residual stream, updated in place by add_rms_norm.
+        x, h = ops.embedding_rms_norm(tokens, self.embed, self.layers[0].input_norm, eps)
         next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
-        h = ops.rms_norm(x, self.layers[0].input_norm, eps)
         for index, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
             h = ops.add_rms_norm(x, self.attention(h, index, cache, view), layer.post_attention_norm, eps)
             h = ops.add_rms_norm(x, self.mlp(h, layer), next_norm, eps)
@@ -115,3 +115,7 @@ class Qwen3:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.linear(hidden, self.lm_head)
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """logits(hidden).argmax(-1), without writing the logits."""
+        return ops.linear_argmax(hidden, self.lm_head)

@@ -47,6 +47,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return extension().linear(x, weight)
 
 
+def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """linear(x, weight).argmax(-1): each row's greedy token (int64), without the logits on CUDA."""
+    if x.shape[0] > MAX_BLOCK_ROWS:
+        return F.linear(x, weight).argmax(-1)
+    return extension().linear_argmax(x, weight)
+
+
 def linear_silu_mul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU of the [gate | up] projection of x: silu(x gate^T) * (x up^T)."""
     if x.shape[0] > MAX_BLOCK_ROWS:
@@ -59,6 +66,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.shape[0] > MAX_BLOCK_ROWS:
         return reference_rms_norm(x, weight, eps)
     return extension().rms_norm(x, weight, eps)
+
+
+def embedding_rms_norm(tokens: torch.Tensor, table: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, RMSNorm of x) for x = table[tokens], a new tensor: the residual stream a forward pass starts from."""
+    if tokens.shape[0] > MAX_BLOCK_ROWS:
+        x = table[tokens]
+        return x, reference_rms_norm(x, weight, eps)
+    return extension().embedding_rms_norm(tokens, table, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,5 +133,5 @@ def attention(q, k_cache, v_cache, cache_len, k_block, v_block, causal: bool, sc
     return out.transpose(0, 1)
 
 
-def accept(drafts, targets, cache_len, out_count, next_anchor) -> None:
-    extension().accept(drafts, targets, cache_len, out_count, next_anchor)
+def accept(drafts, targets, cache_len, emitted, next_anchor) -> None:
+    extension().accept(drafts, targets, cache_len, emitted, next_anchor)

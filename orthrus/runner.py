@@ -54,8 +54,7 @@ class IterationRunner:
         self.seed_key = torch.tensor([seed_key(params.seed)], dtype=torch.int64, device=device)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self._draft_graph = self._verify_graph = None
-        # [count, tokens...] of an iteration, packed on the device, then copied to a ring of pinned buffers.
-        self._packed = torch.zeros(drafts + 2, dtype=torch.int64, device=device)
+        # An iteration's outputs.emitted ([count, tokens...]) is copied to a ring of pinned buffers.
         self._asynchronous = device.type == "cuda"
         self._host = [torch.zeros(drafts + 2, dtype=torch.int64, pin_memory=self._asynchronous)
                       for _ in range(READBACK_SLOTS)]
@@ -70,7 +69,6 @@ class IterationRunner:
     def _verify_eager(self) -> None:
         verify_and_accept(self.network, self.cache, self.anchor, self.drafts, self.params, self.outputs,
                           self.seed_key)
-        self.anchor.copy_(self.outputs.next_anchor)
 
     def _capture(self) -> None:
         # Warm up on a side stream (lazy initialisation must not be captured), then capture each stage.
@@ -124,8 +122,7 @@ class IterationRunner:
         may be held unread: a later one reuses the oldest one's buffer."""
         slot = self._next_slot
         self._next_slot = (slot + 1) % READBACK_SLOTS
-        torch.cat([self.outputs.count.to(torch.int64), self.outputs.tokens], out=self._packed)
-        self._host[slot].copy_(self._packed, non_blocking=self._asynchronous)
+        self._host[slot].copy_(self.outputs.emitted, non_blocking=self._asynchronous)
         if self._copied[slot] is not None:
             self._copied[slot].record()
         return Readback(self._host[slot], self._copied[slot])

@@ -197,6 +197,25 @@ def test_add_rms_norm_updates_the_residual_and_normalises_it(gen, dtype):
         assert torch.equal(ext.add_rms_norm(part, delta[:rows], weight, eps), full[:rows]), f"rows={rows}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_rms_norm_gathers_and_normalises(gen, dtype):
+    vocab, dim = randint(gen, 1, 500), randint(gen, 1, 300)
+    table = randn(gen, vocab, dim, dtype=dtype)
+    weight = randn(gen, dim, dtype=dtype)
+    tokens = torch.randint(0, vocab, (64,), generator=gen)
+    x, y = ext.embedding_rms_norm(tokens, table, weight, 1e-6)
+    assert torch.equal(x, table[tokens])
+    assert torch.equal(y, ext.rms_norm(table[tokens], weight, 1e-6))
+    for rows in (1, 9, 40):
+        assert torch.equal(ext.embedding_rms_norm(tokens[:rows], table, weight, 1e-6)[1], y[:rows]), f"rows={rows}"
+
+
+@pytest.mark.parametrize("token", [-1, 50])
+def test_embedding_rms_norm_rejects_a_token_outside_the_table(token):
+    with pytest.raises(ValueError, match=rf"tokens\[1\] = {token} is outside"):
+        ext.embedding_rms_norm(torch.tensor([3, token]), torch.randn(50, 8), torch.ones(8), 1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # qk_norm_rope_store
 
@@ -319,6 +338,103 @@ def test_linear_qk_norm_rope_store_is_linear_then_qk_norm_rope_store(gen, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# linear_argmax: torch.argmax of the stored linear, ties, NaN and signed zeros included
+
+
+def first_maximum(logits):
+    """Index of the first maximum per row, found without torch.argmax (no NaN in `logits`)."""
+    columns = torch.arange(logits.shape[-1]).expand_as(logits)
+    is_maximum = logits == logits.max(-1, keepdim=True).values
+    return columns.masked_fill(~is_maximum, logits.shape[-1]).min(-1).values
+
+
+def tie_case(gen, rows, out_features, dtype):
+    """x [rows, in_features] and weight [out_features >= 16, in_features] of small integers, so that every
+    logit is exact in any summation order and dtype, where each row's maximum is shared by several columns
+    at random places."""
+    in_features, distinct = 8 * randint(gen, 1, 8), randint(gen, 1, 8)
+    x = torch.randint(0, 3, (rows, in_features), generator=gen).to(dtype)
+    # Every column holds the all -2 row (the least logit x >= 0 allows) but 2 * distinct random ones, which
+    # hold each of `distinct` random rows twice.
+    candidates = torch.cat([torch.full((1, in_features), -2),
+                            torch.randint(-2, 3, (distinct, in_features), generator=gen)])
+    choice = torch.zeros(out_features, dtype=torch.long)
+    choice[torch.randperm(out_features, generator=gen)[: 2 * distinct]] = torch.arange(1, distinct + 1).repeat(2)
+    return x, candidates[choice].to(dtype)
+
+
+@pytest.mark.parametrize("out_features", [1, 63, 64, 65, 200, None], ids=lambda n: f"n{n or 'random'}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_argmax_is_linear_then_argmax(gen, dtype, out_features):
+    in_features, out_features = randint(gen, 1, 300), out_features or randint(gen, 1, 300)
+    x = rows_view(gen, 64, in_features, dtype)
+    weight = randn(gen, out_features, in_features, dtype=dtype)
+    tokens = ext.linear_argmax(x, weight)
+    assert tokens.dtype == torch.int64 and tokens.shape == (64,)
+    assert torch.equal(tokens, ext.linear(x, weight).argmax(-1))
+    for rows in range(1, 64):
+        assert torch.equal(ext.linear_argmax(x[:rows], weight), tokens[:rows]), f"rows={rows}"
+    for m in range(64):
+        assert torch.equal(ext.linear_argmax(x[m : m + 1], weight), tokens[m : m + 1]), f"row {m} alone"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_argmax_ties_go_to_the_smallest_column(gen, dtype):
+    x, weight = tie_case(gen, randint(gen, 1, 64), randint(gen, 16, 300), dtype)
+    logits = ext.linear(x, weight)
+    assert bool(((logits == logits.max(-1, keepdim=True).values).sum(-1) >= 2).all())
+    tokens = ext.linear_argmax(x, weight)
+    assert torch.equal(tokens, first_maximum(logits))
+    assert torch.equal(tokens, logits.argmax(-1))
+
+
+def special_values_case(gen, dtype, out_features):
+    """x [4, in_features] and weight [out_features >= 2, in_features] whose logits hold, by row: +-inf and,
+    from a random column on, NaN (the first NaN wins, over an earlier +inf too); -inf and, from a random
+    column on, +inf (the first +inf wins); NaN only (column 0); negatives and, from a random column on,
+    -0.0 then +0.0 (the first zero wins). Returns x, weight and the columns torch.argmax picks."""
+    in_features = 8 * randint(gen, 1, 8)
+    tiny = 2.0**-14 if dtype == torch.float16 else 2.0**-70  # tiny * tiny rounds to zero in float16 / bfloat16
+    x = randn(gen, 4, in_features, dtype=dtype)
+    weight = randn(gen, out_features, in_features, dtype=dtype)
+    first = [randint(gen, 0, out_features - 1), randint(gen, 0, out_features - 1), randint(gen, 0, out_features - 2)]
+
+    def from_first(row, value):
+        later = torch.randint(first[row], out_features, (randint(gen, 0, 4),), generator=gen)
+        weight[torch.cat([later, torch.tensor([first[row]])]), row] = value
+
+    # Against x = inf in column 0: +1 gives +inf, -1 gives -inf, 0 gives NaN (0 * inf).
+    weight[:, 0] = torch.randint(0, 2, (out_features,), generator=gen) * 2.0 - 1
+    from_first(0, 0.0)
+    x[0, 0] = float("inf")
+    weight[:, 1] = -1.0
+    from_first(1, 1.0)
+    x[1, 1] = float("inf")
+    x[2, 2] = float("nan")
+    # Against x = tiny alone: -1 gives -tiny, -tiny gives -0.0 and +tiny +0.0 once rounded to dtype.
+    weight[:, 3] = -1.0
+    weight[randint(gen, first[2] + 1, out_features - 1), 3] = tiny
+    weight[first[2], 3] = -tiny
+    x[3] = 0
+    x[3, 3] = tiny
+    return x, weight, torch.tensor([first[0], first[1], 0, first[2]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_argmax_nan_infinities_and_signed_zeros(gen, dtype):
+    x, weight, expected = special_values_case(gen, dtype, randint(gen, 2, 300))
+    logits = ext.linear(x, weight)
+    assert logits[0].isnan().any() and logits[2].isnan().all()
+    zero_from = logits[3, expected[3]:]
+    assert zero_from[0] == 0 and zero_from[0].signbit() and ((zero_from == 0) & ~zero_from.signbit()).any()
+    tokens = ext.linear_argmax(x, weight)
+    assert torch.equal(tokens, expected)
+    assert torch.equal(tokens, logits.argmax(-1))
+    for m in range(4):
+        assert torch.equal(ext.linear_argmax(x[m : m + 1], weight), expected[m : m + 1]), f"row {m} alone"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # attention
 
 
@@ -399,11 +515,23 @@ def test_accept(gen, case):
         drafts[accepted] += 1 + randint(gen, 0, 5)
         drafts[accepted + 1 :] = torch.randint(0, 1000, (rows - 2 - accepted,), generator=gen)
     start = randint(gen, 0, 1000)
-    cache_len, out_count, next_anchor = scalar(start), scalar(-7), scalar(-7, torch.int64)
-    ext.accept(drafts, targets, cache_len, out_count, next_anchor)
-    assert out_count.item() == accepted + 1
+    cache_len, next_anchor = scalar(start), scalar(-7, torch.int64)
+    emitted = torch.full((rows + 1,), -7, dtype=torch.int64)
+    ext.accept(drafts, targets, cache_len, emitted, next_anchor)
+    assert emitted[0].item() == accepted + 1
+    assert torch.equal(emitted[1:], targets)
     assert next_anchor.item() == targets[accepted].item()
     assert cache_len.item() == start + accepted + 1
+
+
+def test_accept_writes_the_next_anchor_in_place_of_the_anchor(gen):
+    """The runner passes the anchor it verified as next_anchor: it is replaced only after being read."""
+    block = torch.tensor([5, 6, 7, 8])
+    anchor, drafts = block[:1], block[1:]
+    targets = torch.tensor([6, 7, 9, 3])
+    cache_len, emitted = scalar(10), torch.zeros(5, dtype=torch.int64)
+    ext.accept(drafts, targets, cache_len, emitted, anchor)
+    assert emitted.tolist() == [3, 6, 7, 9, 3] and block.tolist() == [9, 6, 7, 8] and cache_len.item() == 13
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,6 +543,7 @@ def good_arguments():
     rows, q_heads, kv_heads, head_dim = 4, 4, 2, 16
     return {
         "linear": dict(x=torch.randn(rows, 8), weight=torch.randn(5, 8)),
+        "linear_argmax": dict(x=torch.randn(rows, 8), weight=torch.randn(5, 8)),
         "linear_silu_mul": dict(x=torch.randn(rows, 8), weight=torch.randn(6, 8)),
         "linear_qk_norm_rope_store": dict(
             x=torch.randn(rows, 8), weight=torch.randn((q_heads + 2 * kv_heads) * head_dim, 8),
@@ -424,6 +553,8 @@ def good_arguments():
             dst_start=scalar(3), eps=1e-6),
         "rms_norm": dict(x=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
         "add_rms_norm": dict(x=torch.randn(rows, 8), delta=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
+        "embedding_rms_norm": dict(tokens=torch.arange(rows), table=torch.randn(16, 8), weight=torch.randn(8),
+                                   eps=1e-6),
         "qk_norm_rope_store": dict(
             q=torch.randn(rows, q_heads, head_dim), k=torch.randn(rows, kv_heads, head_dim),
             v=torch.randn(rows, kv_heads, head_dim), q_norm_weight=torch.ones(head_dim),
@@ -435,7 +566,7 @@ def good_arguments():
             v_cache=torch.randn(16, kv_heads, head_dim), cache_len=scalar(5), k_block=None, v_block=None,
             causal=True, scale=0.25),
         "accept": dict(drafts=torch.arange(3), targets=torch.arange(4), cache_len=scalar(0),
-                       out_count=scalar(0), next_anchor=scalar(0, torch.int64)),
+                       emitted=torch.zeros(5, dtype=torch.int64), next_anchor=scalar(0, torch.int64)),
     }
 
 
@@ -451,6 +582,11 @@ BAD_ARGUMENTS = [
     ("linear", "weight", lambda a: torch.randn(5, 9), ValueError),
     ("linear", "weight", lambda a: torch.randn(8, 5).T, ValueError),
     ("linear", "weight", lambda a: a["weight"].to("meta"), ValueError),
+    ("linear_argmax", "x", lambda a: a["x"].to(torch.float64), TypeError),
+    ("linear_argmax", "x", lambda a: a["x"][None], ValueError),
+    ("linear_argmax", "weight", lambda a: a["weight"].bfloat16(), TypeError),
+    ("linear_argmax", "weight", lambda a: torch.randn(5, 9), ValueError),
+    ("linear_argmax", "weight", lambda a: torch.randn(0, 8), ValueError),
     ("linear_silu_mul", "x", lambda a: a["x"].to(torch.float64), TypeError),
     ("linear_silu_mul", "weight", lambda a: torch.randn(5, 8), ValueError),
     ("linear_silu_mul", "weight", lambda a: torch.randn(6, 9), ValueError),
@@ -507,11 +643,20 @@ BAD_ARGUMENTS = [
     ("attention", "cache_len", lambda a: scalar(5, torch.int64), TypeError),
     ("attention", "k_block", lambda a: torch.randn(4, 2, 16), ValueError),
     ("attention", "scale", lambda a: float("inf"), ValueError),
+    ("embedding_rms_norm", "tokens", lambda a: a["tokens"].to(torch.int32), TypeError),
+    ("embedding_rms_norm", "tokens", lambda a: torch.arange(65), ValueError),
+    ("embedding_rms_norm", "table", lambda a: a["table"].to(torch.int32), TypeError),
+    ("embedding_rms_norm", "weight", lambda a: torch.randn(9), ValueError),
+    ("embedding_rms_norm", "eps", lambda a: -1.0, ValueError),
     ("accept", "drafts", lambda a: torch.arange(4), ValueError),
     ("accept", "targets", lambda a: torch.arange(4, dtype=torch.int32), TypeError),
     ("accept", "targets", lambda a: torch.arange(0), ValueError),
     ("accept", "cache_len", lambda a: scalar(0, torch.int64), TypeError),
-    ("accept", "out_count", lambda a: torch.zeros(2, dtype=torch.int32), ValueError),
+    ("accept", "emitted", lambda a: torch.zeros(4, dtype=torch.int64), ValueError),
+    ("accept", "emitted", lambda a: torch.zeros(5, dtype=torch.int32), TypeError),
+    ("accept", "emitted", lambda a: torch.zeros(10, dtype=torch.int64)[::2], ValueError),
+    ("accept", "emitted", lambda a: a["targets"].new_zeros(0).set_(a["drafts"].untyped_storage(), 0, (5,)),
+     ValueError),
     ("accept", "next_anchor", lambda a: scalar(0), TypeError),
 ]
 

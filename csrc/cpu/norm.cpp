@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 #include "cpu_common.h"
 
@@ -84,6 +86,26 @@ void rms_norm_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* 
 void add_rms_norm_cpu(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
                       int64_t dim, float eps) {
   normalize_rows(dtype, x, dim, delta, weight, y, rows, dim, eps);
+}
+
+void embedding_rms_norm_cpu(DType dtype, const int64_t* tokens, const void* table, int64_t vocab,
+                            const void* weight, void* x, void* y, int64_t rows, int64_t dim, float eps) {
+  if (rows <= 0 || dim <= 0) return;
+  const size_t row_bytes = size_t(dim) * size_t(cpu::element_bytes(dtype));
+  auto* const x_bytes = static_cast<unsigned char*>(x);
+  for (int64_t m = 0; m < rows; ++m) {
+    if (tokens[m] >= 0 && tokens[m] < vocab) {
+      std::memcpy(x_bytes + m * row_bytes, static_cast<const unsigned char*>(table) + tokens[m] * row_bytes,
+                  row_bytes);
+      continue;
+    }
+    const std::vector<float> nan(size_t(dim), std::numeric_limits<float>::quiet_NaN());
+    cpu::dispatch_dtype(dtype, [&](auto tag) {
+      cpu::store_row<decltype(tag)::value>(nan.data(), dim, x_bytes + m * row_bytes);
+    });
+  }
+  // NaN rows normalise to NaN.
+  normalize_rows(dtype, x, dim, nullptr, weight, y, rows, dim, eps);
 }
 
 void qk_norm_rope_store_cpu(DType dtype, const void* q, int64_t q_row_stride, const void* k,

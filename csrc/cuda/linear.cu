@@ -45,6 +45,29 @@ cudaError_t launch_for_type(DType dtype, const LinearParams& params, int tiles, 
                                    : launch_for_rows<__half, kEpilogue, kHeadDim>(params, tiles, stream);
 }
 
+constexpr int kArgmaxFinishThreads = 256;
+
+// One CTA per row: out[row] = the column of the largest of the row's kArgmax keys (keys [rows][tiles]).
+__global__ void __launch_bounds__(kArgmaxFinishThreads)
+    linear_argmax_finish_kernel(const uint64_t* __restrict__ keys, int tiles, int64_t* __restrict__ out) {
+  __shared__ uint64_t warp_keys[kArgmaxFinishThreads / 32];
+  allow_next_kernel_launch();
+  wait_for_previous_kernels();
+  const uint64_t* const row_keys = keys + int64_t(blockIdx.x) * tiles;
+  uint64_t key = 0;
+  for (int tile = int(threadIdx.x); tile < tiles; tile += kArgmaxFinishThreads) {
+    const uint64_t candidate = row_keys[tile];
+    key = candidate > key ? candidate : key;
+  }
+  key = max_over_lanes<32>(key, 0xFFFFFFFFu);
+  if (threadIdx.x % 32 == 0) warp_keys[threadIdx.x / 32] = key;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int warp = 1; warp < kArgmaxFinishThreads / 32; ++warp) key = warp_keys[warp] > key ? warp_keys[warp] : key;
+    out[blockIdx.x] = int64_t(0xFFFFFFFFu - uint32_t(key));
+  }
+}
+
 // Most CTAs a launch should have. A split-K sweep on an H100 (2026-11-22, all 15 Qwen3 decode shapes,
 // M = 1 and 32) was fastest at 160 to 192 CTAs: one co-resident wave whose CTAs each stream several
 // chunks; more ranks add cluster reductions and a second partial wave. A constant rather than the
@@ -144,6 +167,36 @@ cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_strid
   params.y_vector_stores = reinterpret_cast<uintptr_t>(y) % 8 == 0 && features % 4 == 0;
   const int tiles = int((features + kLinearTileRows / 2 - 1) / (kLinearTileRows / 2));
   return launch_for_type<LinearEpilogue::kSiluMul>(dtype, params, tiles, stream);
+}
+
+size_t linear_argmax_cuda_workspace_bytes(int64_t rows, int64_t out_features) {
+  // One uint64 key per row and 64-wide output tile.
+  if (rows <= 0 || out_features <= 0) return 0;
+  const int64_t tiles = (out_features + cuda_detail::kLinearTileRows - 1) / cuda_detail::kLinearTileRows;
+  return size_t(rows) * size_t(tiles) * sizeof(uint64_t);
+}
+
+cudaError_t linear_argmax_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t* out,
+                               int64_t rows, int64_t out_features, int64_t in_features, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream) {
+  using namespace cuda_detail;
+  // The plain linear's split: the same sums, so the same rounded logits.
+  const int split = linear_split_for_shape(out_features, in_features);
+  LinearParams params;
+  if (out_features < 1 ||
+      !make_linear_params(dtype, x, x_row_stride, w, rows, out_features, in_features, split, 1, params) || !out ||
+      reinterpret_cast<uintptr_t>(out) % alignof(int64_t) != 0 ||
+      workspace_bytes < linear_argmax_cuda_workspace_bytes(rows, out_features) ||
+      (rows > 0 && (!workspace || reinterpret_cast<uintptr_t>(workspace) % alignof(uint64_t) != 0))) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0) return cudaSuccess;
+  params.y = workspace;
+  const int tiles = int((out_features + kLinearTileRows - 1) / kLinearTileRows);
+  const cudaError_t status = launch_for_type<LinearEpilogue::kArgmax>(dtype, params, tiles, stream);
+  if (status != cudaSuccess) return status;
+  return launch_kernel(linear_argmax_finish_kernel, dim3(unsigned(rows)), dim3(kArgmaxFinishThreads), 0, stream,
+                       static_cast<const uint64_t*>(workspace), tiles, out);
 }
 
 cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w,

@@ -57,13 +57,16 @@ enum class LinearEpilogue {
   // w = the fused [q | k | v] projection: its heads go through qk_norm_rope_store's math to its targets;
   // y is not written. A cluster holds whole heads: head_dim / kLinearTileRows tiles.
   kHeadNormRope,
+  // y holds uint64 keys [rows][tiles]: per row and tile the largest linear_argmax_key of the tile's outputs as
+  // rounded to T. linear_argmax_finish_kernel reduces them to torch.argmax of the stored linear's output.
+  kArgmax,
 };
 
 struct LinearParams {
   const void* x;
   int64_t x_row_stride;  // elements
   const void* w;
-  void* y;
+  void* y;  // kArgmax: the keys
   int rows;
   int out_features;
   int in_features;
@@ -121,6 +124,30 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], uint32_t a0, uint32_t
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+}
+
+// torch.argmax's order as one unsigned comparison: the larger key is the larger value, and between equal
+// values the smaller column. The high half is the value's order-preserving image with -0.0 equal to +0.0
+// and every NaN above +inf (torch.argmax lets the first NaN win); the low half is the column's complement.
+// Every key is above 0, which stands for no column.
+__device__ __forceinline__ uint64_t linear_argmax_key(float value, int64_t column) {
+  uint32_t image = 0xFFFFFFFFu;
+  if (!isnan(value)) {
+    const uint32_t bits = value == 0.0f ? 0u : __float_as_uint(value);
+    image = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+  }
+  return uint64_t(image) << 32 | (0xFFFFFFFFu - uint32_t(column));
+}
+
+// The largest key of the lanes of `mask`, an aligned group of kLanes lanes.
+template <int kLanes>
+__device__ __forceinline__ uint64_t max_over_lanes(uint64_t key, unsigned mask) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    const uint64_t other = __shfl_xor_sync(mask, key, offset);
+    key = other > key ? other : key;
+  }
+  return key;
 }
 
 // Stages x[0:8*kRowGroups, chunk] in shared memory; rows >= rows and k >= in_features become zeros, so
@@ -329,7 +356,9 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
 
   if constexpr (kEpilogue != LinearEpilogue::kHeadNormRope) {
     // Each rank finishes a slice of the tile, 4 outputs of a row per item. A kSiluMul tile has half as
-    // many outputs as weight rows: output i combines columns i (gate) and kOutputs + i (up).
+    // many outputs as weight rows: output i combines columns i (gate) and kOutputs + i (up). A row's
+    // kQuadsPerRow (16) items go to 16 consecutive threads, an aligned half warp, which all leave the loop
+    // together: kArgmax reduces the row's keys across them.
     constexpr bool kSiluMul = kEpilogue == LinearEpilogue::kSiluMul;
     constexpr int kOutputs = kSiluMul ? kLinearTileRows / 2 : kLinearTileRows;
     constexpr int kQuadsPerRow = kOutputs / 4;
@@ -347,16 +376,29 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
         for (int j = 0; j < 4; ++j) values[j] = swiglu(rounded(values[j]), rounded(ups[j]));
       }
       const int64_t n = int64_t(tile) * kOutputs + column;
-      T* const out = static_cast<T*>(p.y) + int64_t(row) * width + n;
-      if (p.y_vector_stores && n + 4 <= width) {
-        uint2 packed;
-        packed.x = pack2<T>(values[0], values[1]);
-        packed.y = pack2<T>(values[2], values[3]);
-        *reinterpret_cast<uint2*>(out) = packed;
-      } else {
+      if constexpr (kEpilogue == LinearEpilogue::kArgmax) {
+        static_assert(kQuadsPerRow == 16, "a row's items fill a half warp");
+        uint64_t key = 0;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if (n + j < width) out[j] = from_float<T>(values[j]);
+          const uint64_t candidate = n + j < width ? linear_argmax_key(rounded(values[j]), n + j) : 0;
+          key = candidate > key ? candidate : key;
+        }
+        key = max_over_lanes<16>(key, 0xFFFFu << (lane & 16));
+        const int tiles = (p.out_features + kLinearTileRows - 1) / kLinearTileRows;
+        if (lane % 16 == 0) static_cast<uint64_t*>(p.y)[int64_t(row) * tiles + tile] = key;
+      } else {
+        T* const out = static_cast<T*>(p.y) + int64_t(row) * width + n;
+        if (p.y_vector_stores && n + 4 <= width) {
+          uint2 packed;
+          packed.x = pack2<T>(values[0], values[1]);
+          packed.y = pack2<T>(values[2], values[3]);
+          *reinterpret_cast<uint2*>(out) = packed;
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (n + j < width) out[j] = from_float<T>(values[j]);
+          }
         }
       }
     }

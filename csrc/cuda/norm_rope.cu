@@ -7,15 +7,18 @@ namespace {
 
 bool aligned_16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
 
-template <typename T, bool kAddDelta>
+// delta: kRowPlusDelta only; tokens, table, vocab: kEmbedding only.
+template <typename T, cuda_detail::NormInput kInput>
 cudaError_t launch_rms_norm(void* x, int64_t x_row_stride, const void* delta, const void* weight, void* y,
-                            int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+                            int64_t rows, int64_t dim, float eps, cudaStream_t stream,
+                            const int64_t* tokens = nullptr, const void* table = nullptr, int64_t vocab = 0) {
   using namespace cuda_detail;
   const bool vector_access = dim % kRmsNormVector == 0 && x_row_stride % kRmsNormVector == 0 && aligned_16(x) &&
-                             aligned_16(weight) && aligned_16(y) && (!kAddDelta || aligned_16(delta));
-  return launch_kernel(rms_norm_kernel<T, kAddDelta>, dim3(unsigned(rows)), dim3(kRmsNormThreads), 0, stream,
+                             aligned_16(weight) && aligned_16(y) && (!delta || aligned_16(delta)) &&
+                             (!table || aligned_16(table));
+  return launch_kernel(rms_norm_kernel<T, kInput>, dim3(unsigned(rows)), dim3(kRmsNormThreads), 0, stream,
                        static_cast<T*>(x), x_row_stride, static_cast<const T*>(delta), static_cast<const T*>(weight),
-                       static_cast<T*>(y), int(dim), eps, vector_access);
+                       static_cast<T*>(y), int(dim), eps, vector_access, tokens, static_cast<const T*>(table), vocab);
 }
 
 template <typename T, int kHeadDim>
@@ -40,12 +43,14 @@ cudaError_t rms_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, cons
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
   if (rows < 1 || rows > 0x7fffffff || dim < 1 || dim > (1 << 24) || x_row_stride < dim) return cudaErrorInvalidValue;
   if (!x || !weight || !y) return cudaErrorInvalidValue;
-  // The kernel never writes x without kAddDelta.
+  // kRow never writes x.
   void* const input = const_cast<void*>(x);
+  using cuda_detail::NormInput;
   if (dtype == DType::kBFloat16) {
-    return launch_rms_norm<__nv_bfloat16, false>(input, x_row_stride, nullptr, weight, y, rows, dim, eps, stream);
+    return launch_rms_norm<__nv_bfloat16, NormInput::kRow>(input, x_row_stride, nullptr, weight, y, rows, dim, eps,
+                                                           stream);
   }
-  return launch_rms_norm<__half, false>(input, x_row_stride, nullptr, weight, y, rows, dim, eps, stream);
+  return launch_rms_norm<__half, NormInput::kRow>(input, x_row_stride, nullptr, weight, y, rows, dim, eps, stream);
 }
 
 cudaError_t add_rms_norm_cuda(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
@@ -53,10 +58,26 @@ cudaError_t add_rms_norm_cuda(DType dtype, void* x, const void* delta, const voi
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
   if (rows < 1 || rows > 0x7fffffff || dim < 1 || dim > (1 << 24)) return cudaErrorInvalidValue;
   if (!x || !delta || !weight || !y) return cudaErrorInvalidValue;
+  using cuda_detail::NormInput;
   if (dtype == DType::kBFloat16) {
-    return launch_rms_norm<__nv_bfloat16, true>(x, dim, delta, weight, y, rows, dim, eps, stream);
+    return launch_rms_norm<__nv_bfloat16, NormInput::kRowPlusDelta>(x, dim, delta, weight, y, rows, dim, eps, stream);
   }
-  return launch_rms_norm<__half, true>(x, dim, delta, weight, y, rows, dim, eps, stream);
+  return launch_rms_norm<__half, NormInput::kRowPlusDelta>(x, dim, delta, weight, y, rows, dim, eps, stream);
+}
+
+cudaError_t embedding_rms_norm_cuda(DType dtype, const int64_t* tokens, const void* table, int64_t vocab,
+                                    const void* weight, void* x, void* y, int64_t rows, int64_t dim, float eps,
+                                    cudaStream_t stream) {
+  using cuda_detail::NormInput;
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (rows < 1 || rows > 0x7fffffff || dim < 1 || dim > (1 << 24) || vocab < 1) return cudaErrorInvalidValue;
+  if (!tokens || !table || !weight || !x || !y) return cudaErrorInvalidValue;
+  if (dtype == DType::kBFloat16) {
+    return launch_rms_norm<__nv_bfloat16, NormInput::kEmbedding>(x, dim, nullptr, weight, y, rows, dim, eps, stream,
+                                                                 tokens, table, vocab);
+  }
+  return launch_rms_norm<__half, NormInput::kEmbedding>(x, dim, nullptr, weight, y, rows, dim, eps, stream, tokens,
+                                                        table, vocab);
 }
 
 cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_stride, const void* k,

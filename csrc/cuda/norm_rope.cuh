@@ -19,15 +19,23 @@ constexpr int kQkNormWarps = 4;
 // every Qwen3 hidden size); further groups are read again.
 constexpr int kRmsNormHeldGroups = 4;
 
+// What the normalised row is.
+enum class NormInput {
+  kRow,           // x, read only
+  kRowPlusDelta,  // x += delta in place (rounded to T, as an elementwise add would), then that x: the
+                  // residual-stream update and the next norm in one pass over the row
+  kEmbedding,     // x = table[tokens[row]] (x is written): the residual stream's start and the first norm
+};
+
 // One CTA per row. Thread i owns groups of kRmsNormVector consecutive elements starting at group i and
 // striding by the CTA size; the 16-byte path and the element-wise path (unaligned rows, ragged tail)
 // visit the same elements in the same order, so the choice between them cannot change any bits.
-// kAddDelta: first x += delta in place (rounded to T, as an elementwise add would), then normalise that x:
-// the residual-stream update and the next norm in one pass over the row.
-template <typename T, bool kAddDelta>
+// kEmbedding: tokens / table / vocab give the rows; a token outside [0, vocab) makes its x and y rows NaN.
+template <typename T, NormInput kInput>
 __global__ void __launch_bounds__(kRmsNormThreads)
     rms_norm_kernel(T* x, int64_t x_row_stride, const T* __restrict__ delta, const T* __restrict__ weight,
-                    T* __restrict__ y, int dim, float eps, bool vector_access) {
+                    T* __restrict__ y, int dim, float eps, bool vector_access, const int64_t* __restrict__ tokens,
+                    const T* __restrict__ table, int64_t vocab) {
   allow_next_kernel_launch();
   T* const x_row = x + size_t(blockIdx.x) * x_row_stride;
   T* const y_row = y + size_t(blockIdx.x) * dim;
@@ -73,16 +81,34 @@ __global__ void __launch_bounds__(kRmsNormThreads)
   }
   wait_for_previous_kernels();
 
+  const T* source_row = x_row;
+  if constexpr (kInput == NormInput::kEmbedding) {
+    // The token is written by the previous kernels (the last iteration's acceptance, say).
+    const int64_t token = tokens[blockIdx.x];
+    if (token < 0 || token >= vocab) {
+      // No host check is possible without a sync: fail loudly rather than read outside the table.
+      float nan[kRmsNormVector];
+#pragma unroll
+      for (int i = 0; i < kRmsNormVector; ++i) nan[i] = NAN;
+      for (int group = threadIdx.x; group < groups; group += kRmsNormThreads) {
+        store_group(x_row, group, nan);
+        store_group(y_row, group, nan);
+      }
+      return;
+    }
+    source_row = table + size_t(token) * dim;
+  }
+
   float sum_squares = 0.f;
   auto first_pass = [&](int group, float (&values)[kRmsNormVector]) {
-    load_group(x_row, group, values);
-    if constexpr (kAddDelta) {
+    load_group(source_row, group, values);
+    if constexpr (kInput == NormInput::kRowPlusDelta) {
       float deltas[kRmsNormVector];
       load_group(delta + size_t(blockIdx.x) * dim, group, deltas);
 #pragma unroll
       for (int i = 0; i < kRmsNormVector; ++i) values[i] = to_float(from_float<T>(values[i] + deltas[i]));
-      store_group(x_row, group, values);
     }
+    if constexpr (kInput != NormInput::kRow) store_group(x_row, group, values);
 #pragma unroll
     for (int i = 0; i < kRmsNormVector; ++i) sum_squares += values[i] * values[i];
   };
@@ -123,7 +149,7 @@ __global__ void __launch_bounds__(kRmsNormThreads)
   for (int group = threadIdx.x + kRmsNormHeldGroups * kRmsNormThreads; group < groups; group += kRmsNormThreads) {
     float values[kRmsNormVector];
     float weights[kRmsNormVector];
-    load_group(x_row, group, values);  // with kAddDelta: this thread's own (rounded) writes above
+    load_group(x_row, group, values);  // past kRow: this thread's own (rounded) writes above
     load_group(weight, group, weights);
     second_pass(group, values, weights);
   }

@@ -2,11 +2,12 @@
 // raises ValueError / TypeError naming it), allocate outputs and workspaces with the torch allocator, and
 // call the torch-free kernels of orthrus/kernels.h on the CPU or on the current CUDA stream.
 //
-// Device-side scalars (positions_start, dst_start, cache_len, out_count, next_anchor) are 1-element tensors
+// Device-side scalars (positions_start, dst_start, cache_len, next_anchor) are 1-element tensors
 // on the data's device so that CUDA graphs can replay with new values. On the CPU their values are also
 // range-checked here; on CUDA reading them would synchronize (and break graph capture), so the caller
 // guarantees their ranges there.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -14,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "orthrus/kernels.h"
 
@@ -246,6 +248,28 @@ at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
+// linear(x, weight).argmax(-1): int64 [rows]. On CUDA the logits are never written.
+at::Tensor linear_argmax(const at::Tensor& x, const at::Tensor& weight) {
+  const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  if (device.is_cpu()) {
+    orthrus::linear_argmax_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), out.data_ptr<int64_t>(), rows,
+                               out_features, in_features);
+    return out;
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  const size_t workspace_bytes = orthrus::linear_argmax_cuda_workspace_bytes(rows, out_features);
+  at::Tensor workspace = cuda_workspace(workspace_bytes, device);
+  check_cuda(orthrus::linear_argmax_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(),
+                                         out.data_ptr<int64_t>(), rows, out_features, in_features,
+                                         workspace.data_ptr(), workspace_bytes, c10::cuda::getCurrentCUDAStream()),
+             "linear_argmax");
+#endif
+  return out;
+}
+
 struct NormShape {
   DType dtype;
   int64_t rows;
@@ -315,6 +339,52 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
              "add_rms_norm");
 #endif
   return y;
+}
+
+// The start of a forward pass: returns (x, y) = (table[tokens], rms_norm(table[tokens])), x being the
+// residual stream the layers then update in place.
+std::tuple<at::Tensor, at::Tensor> embedding_rms_norm(const at::Tensor& tokens, const at::Tensor& table,
+                                                      const at::Tensor& weight, double eps) {
+  const c10::Device device = checked_device(tokens, "tokens");
+  check_device(table, "table", device);
+  check_device(weight, "weight", device);
+  check_dtype(tokens, "tokens", at::kLong);
+  check_dim(tokens, "tokens", 1);
+  check_contiguous(tokens, "tokens");
+  const int64_t rows = tokens.size(0);
+  check_rows(rows, "tokens", device);
+  const DType dtype = kernel_dtype(table, "table");
+  check_dim(table, "table", 2);
+  check_contiguous(table, "table");
+  const int64_t vocab = table.size(0), dim = table.size(1);
+  ORTHRUS_CHECK_VALUE(vocab >= 1 && dim >= 1, "table must not be empty, got shape ", table.sizes());
+  check_dtype(weight, "weight", table.scalar_type());
+  check_dim(weight, "weight", 1);
+  check_size(weight, "weight", 0, dim, "table.shape[1]");
+  check_contiguous(weight, "weight");
+  check_finite(eps, "eps");
+  ORTHRUS_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+
+  at::Tensor x = at::empty({rows, dim}, table.options());
+  at::Tensor y = at::empty({rows, dim}, table.options());
+  if (device.is_cpu()) {
+    const int64_t* const ids = tokens.data_ptr<int64_t>();
+    for (int64_t m = 0; m < rows; ++m) {
+      ORTHRUS_CHECK_VALUE(ids[m] >= 0 && ids[m] < vocab, "tokens[", m, "] = ", ids[m],
+                          " is outside the table's rows [0, ", vocab, ")");
+    }
+    orthrus::embedding_rms_norm_cpu(dtype, ids, table.data_ptr(), vocab, weight.data_ptr(), x.data_ptr(),
+                                    y.data_ptr(), rows, dim, static_cast<float>(eps));
+    return {x, y};
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::embedding_rms_norm_cuda(dtype, tokens.data_ptr<int64_t>(), table.data_ptr(), vocab,
+                                              weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, dim,
+                                              static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
+             "embedding_rms_norm");
+#endif
+  return {x, y};
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
@@ -581,7 +651,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 }
 
 void accept(const at::Tensor& drafts, const at::Tensor& targets, const at::Tensor& cache_len,
-            const at::Tensor& out_count, const at::Tensor& next_anchor) {
+            const at::Tensor& emitted, const at::Tensor& next_anchor) {
   const c10::Device device = checked_device(targets, "targets");
   check_device(drafts, "drafts", device);
   check_dtype(targets, "targets", at::kLong);
@@ -594,19 +664,27 @@ void accept(const at::Tensor& drafts, const at::Tensor& targets, const at::Tenso
   check_contiguous(targets, "targets");
   check_contiguous(drafts, "drafts");
   check_scalar_tensor(cache_len, "cache_len", at::kInt, device);
-  check_scalar_tensor(out_count, "out_count", at::kInt, device);
+  check_device(emitted, "emitted", device);
+  check_dtype(emitted, "emitted", at::kLong);
+  check_dim(emitted, "emitted", 1);
+  check_size(emitted, "emitted", 0, rows + 1, "targets.shape[0] + 1 (the count, then the tokens)");
+  check_contiguous(emitted, "emitted");
+  // The kernel reads drafts and targets while it writes emitted.
+  for (const auto& [input, name] : {std::pair{&drafts, "drafts"}, std::pair{&targets, "targets"}}) {
+    ORTHRUS_CHECK_VALUE(at::get_overlap_status(emitted, *input) == at::MemOverlapStatus::No,
+                        "emitted must not share memory with ", name);
+  }
   check_scalar_tensor(next_anchor, "next_anchor", at::kLong, device);
 
   if (device.is_cpu()) {
     orthrus::accept_cpu(drafts.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), rows,
-                        cache_len.data_ptr<int32_t>(), out_count.data_ptr<int32_t>(),
-                        next_anchor.data_ptr<int64_t>());
+                        cache_len.data_ptr<int32_t>(), emitted.data_ptr<int64_t>(), next_anchor.data_ptr<int64_t>());
     return;
   }
 #ifdef ORTHRUS_WITH_CUDA
   const c10::cuda::CUDAGuard guard(device);
   check_cuda(orthrus::accept_cuda(drafts.data_ptr<int64_t>(), targets.data_ptr<int64_t>(), rows,
-                                  cache_len.data_ptr<int32_t>(), out_count.data_ptr<int32_t>(),
+                                  cache_len.data_ptr<int32_t>(), emitted.data_ptr<int64_t>(),
                                   next_anchor.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
              "accept");
 #endif
@@ -634,8 +712,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   module.def("linear", &linear, "y = x @ weight.T with fp32 accumulation, row-invariant", py::arg("x"),
              py::arg("weight"), release_gil);
+  module.def("linear_argmax", &linear_argmax,
+             "linear(x, weight).argmax(-1) (int64, torch.argmax's ties and NaN), bit for bit, without writing the "
+             "logits on CUDA",
+             py::arg("x"), py::arg("weight"), release_gil);
   module.def("rms_norm", &rms_norm, "RMSNorm of each row of x", py::arg("x"), py::arg("weight"), py::arg("eps"),
              release_gil);
+  module.def("embedding_rms_norm", &embedding_rms_norm,
+             "(x, y) = (table[tokens], RMSNorm of those rows): the residual stream's start and the first norm",
+             py::arg("tokens"), py::arg("table"), py::arg("weight"), py::arg("eps"), release_gil);
   module.def("add_rms_norm", &add_rms_norm, "x += delta in place, then RMSNorm of each row of x",
              py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"), release_gil);
   module.def("silu_mul", &silu_mul, "SwiGLU of [gate | up] rows: silu(gate) * up", py::arg("gate_up"),
@@ -660,8 +745,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("k_block").none(true), py::arg("v_block").none(true), py::arg("causal"), py::arg("scale"),
              release_gil);
   module.def("accept", &accept,
-             "Longest accepted draft prefix: writes out_count, next_anchor and advances cache_len in place",
-             py::arg("drafts"), py::arg("targets"), py::arg("cache_len"), py::arg("out_count"),
+             "Longest accepted draft prefix: writes emitted = [count, tokens...] and next_anchor, and advances "
+             "cache_len, in place",
+             py::arg("drafts"), py::arg("targets"), py::arg("cache_len"), py::arg("emitted"),
              py::arg("next_anchor"), release_gil);
   module.def("has_cuda", &has_cuda, "Whether this build contains the CUDA kernels");
 }

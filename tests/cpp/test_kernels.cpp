@@ -136,6 +136,19 @@ void test_linear(DType dtype) {
     invariant = one.same_bits(y, 0, m * out_features, out_features);
   }
   report(invariant, std::string("linear ") + dtype_name(dtype) + " row invariance (1..64 rows)");
+
+  // The greedy token of each row: the first maximum of the rounded outputs linear_cpu stored.
+  std::vector<int64_t> tokens(rows, -1);
+  orthrus::linear_argmax_cpu(dtype, x.data(), x_stride, w.data(), tokens.data(), rows, out_features, in_features);
+  bool argmax = true;
+  for (int64_t m = 0; m < rows; ++m) {
+    int64_t best = 0;
+    for (int64_t n = 1; n < out_features; ++n) {
+      if (y.get(m * out_features + n) > y.get(m * out_features + best)) best = n;
+    }
+    argmax = argmax && tokens[m] == best;
+  }
+  report(argmax, std::string("linear_argmax ") + dtype_name(dtype) + " == first maximum of linear");
 }
 
 // ---- rms_norm --------------------------------------------------------------------------------------------
@@ -165,6 +178,20 @@ void test_rms_norm(DType dtype) {
     invariant = part.same_bits(y, 0, 0, count * dim);
   }
   report(invariant, std::string("rms_norm ") + dtype_name(dtype) + " row invariance (1..64 rows)");
+
+  // embedding_rms_norm: the table's rows gathered, then the same norm bits.
+  const int64_t vocab = uniform_int(1, 100);
+  const Buffer table = random_buffer(dtype, vocab * dim);
+  std::vector<int64_t> tokens(rows);
+  for (auto& token : tokens) token = uniform_int(0, vocab - 1);
+  Buffer gathered(dtype, rows * dim), normed(dtype, rows * dim), expected(dtype, rows * dim);
+  orthrus::embedding_rms_norm_cpu(dtype, tokens.data(), table.data(), vocab, weight.data(), gathered.data(),
+                                  normed.data(), rows, dim, eps);
+  bool same = true;
+  for (int64_t m = 0; m < rows; ++m) same = same && gathered.same_bits(table, m * dim, tokens[m] * dim, dim);
+  orthrus::rms_norm_cpu(dtype, gathered.data(), dim, weight.data(), expected.data(), rows, dim, eps);
+  report(same && normed.same_bits(expected, 0, 0, rows * dim),
+         std::string("embedding_rms_norm ") + dtype_name(dtype) + " == gather then rms_norm");
 }
 
 // ---- qk_norm_rope_store ----------------------------------------------------------------------------------
@@ -451,12 +478,13 @@ void test_accept() {
     for (auto& token : targets) token = uniform_int(0, 1000);
     const int64_t accepted = uniform_int(0, rows - 1);
     for (int64_t i = 0; i < rows - 1; ++i) drafts[i] = i < accepted ? targets[i] : targets[i] + (i == accepted);
-    int32_t cache_len = int32_t(uniform_int(0, 1000)), out_count = -1;
+    int32_t cache_len = int32_t(uniform_int(0, 1000));
     const int32_t start = cache_len;
+    std::vector<int64_t> emitted(rows + 1, -1);
     int64_t next_anchor = -1;
-    orthrus::accept_cpu(drafts.data(), targets.data(), rows, &cache_len, &out_count, &next_anchor);
-    passed = passed && out_count == accepted + 1 && next_anchor == targets[accepted] &&
-             cache_len == start + accepted + 1;
+    orthrus::accept_cpu(drafts.data(), targets.data(), rows, &cache_len, emitted.data(), &next_anchor);
+    passed = passed && emitted[0] == accepted + 1 && std::equal(targets.begin(), targets.end(), emitted.begin() + 1) &&
+             next_anchor == targets[accepted] && cache_len == start + accepted + 1;
   }
   report(passed, "accept (100 random blocks)");
 }

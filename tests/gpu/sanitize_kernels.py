@@ -41,6 +41,10 @@ def main():
                                      1e-6)
         assert torch.isfinite(y).all()
         assert torch.isfinite(orthrus_ext.silu_mul(torch.randn(rows, 2 * 3000, device=device).to(dtype))).all()
+        embeddings = torch.randn(1000, 4096, device=device).to(dtype)
+        tokens = torch.randint(0, 1000, (rows,), device=device)
+        x, y = orthrus_ext.embedding_rms_norm(tokens, embeddings, torch.ones(4096, device=device, dtype=dtype), 1e-6)
+        assert torch.equal(x, embeddings[tokens]) and torch.isfinite(y).all()
 
         qkv = torch.randn(rows, (q_heads + 2 * kv_heads) * head_dim, device=device).to(dtype)
         q = qkv[:, :q_heads * head_dim].view(rows, q_heads, head_dim)
@@ -65,15 +69,20 @@ def main():
         gate_up = torch.randn(2 * 1000, 512, device=device).to(dtype)
         assert torch.equal(orthrus_ext.linear_silu_mul(x, gate_up),
                            orthrus_ext.silu_mul(orthrus_ext.linear(x, gate_up)))
+        # linear_argmax: keys of a split-K cluster (2 ranks), a ragged last tile, and 7 rows, which leave a
+        # half warp alone in the epilogue loop; then the reduction of the keys.
+        vocab = torch.randn(1000, 512, device=device).to(dtype)
+        assert torch.equal(orthrus_ext.linear_argmax(x, vocab), orthrus_ext.linear(x, vocab).argmax(-1))
 
     targets = torch.arange(40, device=device)
     drafts = targets[:39].clone()
     drafts[35] = -1
     cache_len = torch.tensor([10], dtype=torch.int32, device=device)
-    count = torch.zeros(1, dtype=torch.int32, device=device)
+    emitted = torch.zeros(41, dtype=torch.int64, device=device)
     anchor = torch.zeros(1, dtype=torch.int64, device=device)
-    orthrus_ext.accept(drafts, targets, cache_len, count, anchor)
-    assert (cache_len.item(), count.item(), anchor.item()) == (46, 36, 35)
+    orthrus_ext.accept(drafts, targets, cache_len, emitted, anchor)
+    assert (cache_len.item(), emitted[0].item(), anchor.item()) == (46, 36, 35)
+    assert torch.equal(emitted[1:], targets)
     torch.cuda.synchronize()
     print("sanitize driver: all kernels ran, results checked")
 

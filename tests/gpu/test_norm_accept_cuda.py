@@ -60,6 +60,36 @@ def test_add_rms_norm(ext, dtype, dim):
         assert torch.equal(ext.add_rms_norm(one, delta[m:m + 1], weight, EPS)[0], y[m]), f"row {m} of {rows}"
 
 
+@pytest.mark.parametrize("dim", [1024, 2560, 4096, 1000, 24])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_embedding_rms_norm(ext, dtype, dim):
+    rows, vocab = random.randint(1, 64), random.choice([151936, 1000, 3])
+    table = torch.randn(vocab, dim, device="cuda").mul_(random.choice([0.1, 3.0])).to(dtype)
+    weight = torch.randn(dim, device="cuda").to(dtype)
+    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    torch.empty(2 * rows * dim + 1, device="cuda").fill_(float("nan"))  # poison the next allocations
+    x, y = ext.embedding_rms_norm(tokens, table, weight, EPS)
+    torch.cuda.synchronize()
+    assert torch.equal(x, table[tokens])
+    assert torch.isfinite(y).all()
+    assert relative_error(y, reference_rms_norm(x, weight)) < TOLERANCE[dtype]
+    # The same bits as the gather followed by the plain norm, which the model used before.
+    assert torch.equal(y, ext.rms_norm(table[tokens], weight, EPS))
+    for m in random.sample(range(rows), min(rows, 8)):
+        assert torch.equal(ext.embedding_rms_norm(tokens[m:m + 1], table, weight, EPS)[1][0], y[m])
+
+
+def test_embedding_rms_norm_marks_tokens_outside_the_table(ext):
+    table = torch.randn(100, 256, device="cuda").to(torch.bfloat16)
+    weight = torch.ones(256, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.tensor([5, 100, -1, 99], device="cuda")
+    x, y = ext.embedding_rms_norm(tokens, table, weight, EPS)
+    torch.cuda.synchronize()
+    for m in (1, 2):
+        assert torch.isnan(x[m]).all() and torch.isnan(y[m]).all()
+    assert torch.equal(x[[0, 3]], table[[5, 99]]) and torch.isfinite(y[[0, 3]]).all()
+
+
 @pytest.mark.parametrize("features", [3072, 6144, 9728, 12288, 1000, 5])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_silu_mul(ext, dtype, features):
@@ -148,11 +178,12 @@ def test_qk_norm_rope_store(ext, dtype, head_dim, heads):
 
 def run_accept(ext, drafts, targets, start_length):
     cache_len = torch.tensor([start_length], dtype=torch.int32, device="cuda")
-    out_count = torch.full((1,), -7, dtype=torch.int32, device="cuda")
+    emitted = torch.full((targets.shape[0] + 1,), -7, dtype=torch.int64, device="cuda")
     next_anchor = torch.full((1,), -7, dtype=torch.int64, device="cuda")
-    ext.accept(drafts, targets, cache_len, out_count, next_anchor)
+    ext.accept(drafts, targets, cache_len, emitted, next_anchor)
     torch.cuda.synchronize()
-    return cache_len.item(), out_count.item(), next_anchor.item()
+    assert torch.equal(emitted[1:], targets)
+    return cache_len.item(), emitted[0].item(), next_anchor.item()
 
 
 @pytest.mark.parametrize("rows", [1, 2, 17, 32, 33, 64])

@@ -32,6 +32,9 @@ constexpr int kMaxBlockRows = 64;
 //   y contiguous. Row-invariant.
 // add_rms_norm: the residual-stream update and the following norm in one pass: x[m] += delta[m] in place
 //   (fp32 add, rounded to dtype), then y[m] = rms_norm(x[m]). x, delta, y: [rows, dim] contiguous.
+// embedding_rms_norm: the start of a forward pass: x[m] = table[tokens[m]] (the residual stream), then
+//   y[m] = rms_norm(x[m]). tokens: [rows] int64; table: [vocab, dim]; x, y: [rows, dim], all contiguous.
+//   A token outside [0, vocab) makes its rows of x and y NaN (on CUDA it is only known on the device).
 // qk_norm_rope_store: per-head RMSNorm of q and k (weights q_norm_weight / k_norm_weight, [head_dim]),
 //   then rotary embedding (rotate-half form, as Qwen3) at position positions_start[0] + m, using
 //   rope_cos_sin: float32 [max_positions, head_dim] whose first head_dim/2 columns are cos and last
@@ -52,18 +55,31 @@ constexpr int kMaxBlockRows = 64;
 //   CPU. The key order and any split of the keys into chunks depend only on absolute positions, so the
 //   result is row-invariant.
 // accept: drafts [rows - 1] and targets [rows] (int64). accepted = length of the longest prefix with
-//   drafts[i] == targets[i]. Writes out_count[0] = accepted + 1, next_anchor[0] = targets[accepted], and
-//   advances cache_len[0] by accepted + 1 (the rollback of the rejected tail: O(1), nothing is copied).
+//   drafts[i] == targets[i]. Writes emitted ([rows + 1] int64) = [accepted + 1, targets[0], ...,
+//   targets[rows - 1]] (the count of emitted tokens, then the tokens: its first 1 + count entries are what
+//   the iteration emits), next_anchor[0] = targets[accepted], and advances cache_len[0] by accepted + 1
+//   (the rollback of the rejected tail: O(1), nothing is copied). next_anchor may be the tensor the next
+//   iteration reads its anchor from; emitted must not overlap drafts or targets.
 // ---------------------------------------------------------------------------------------------------------
 
 void linear_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
                 int64_t out_features, int64_t in_features);
+
+// linear_argmax: out[m] = argmax_n linear(x, w)[m, n] (int64 [rows]) over the logits as linear stores them
+//   (rounded to `dtype`), as torch.argmax picks it: the smallest n among equal maxima, -0.0 equal to +0.0,
+//   the first NaN above everything. out_features >= 1. Greedy decoding's token without the logits: on
+//   CUDA they are never written. Row-invariant.
+void linear_argmax_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t* out,
+                       int64_t rows, int64_t out_features, int64_t in_features);
 
 void rms_norm_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* weight, void* y,
                   int64_t rows, int64_t dim, float eps);
 
 void add_rms_norm_cpu(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
                       int64_t dim, float eps);
+
+void embedding_rms_norm_cpu(DType dtype, const int64_t* tokens, const void* table, int64_t vocab,
+                            const void* weight, void* x, void* y, int64_t rows, int64_t dim, float eps);
 
 void qk_norm_rope_store_cpu(DType dtype, const void* q, int64_t q_row_stride, const void* k,
                             int64_t k_row_stride, const void* v, int64_t v_row_stride,
@@ -99,7 +115,7 @@ void linear_qk_norm_rope_store_cpu(DType dtype, const void* x, int64_t x_row_str
                                    int64_t kv_heads, int64_t head_dim, float eps);
 
 void accept_cpu(const int64_t* drafts, const int64_t* targets, int64_t rows, int32_t* cache_len,
-                int32_t* out_count, int64_t* next_anchor);
+                int64_t* emitted, int64_t* next_anchor);
 
 // CPU threading. The CPU kernels cut their work into independent index ranges (groups of output features,
 // (row, head) pairs) whose results do not depend on how the ranges are grouped or scheduled. By default
@@ -130,6 +146,10 @@ cudaError_t rms_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, cons
 cudaError_t add_rms_norm_cuda(DType dtype, void* x, const void* delta, const void* weight, void* y, int64_t rows,
                               int64_t dim, float eps, cudaStream_t stream);
 
+cudaError_t embedding_rms_norm_cuda(DType dtype, const int64_t* tokens, const void* table, int64_t vocab,
+                                    const void* weight, void* x, void* y, int64_t rows, int64_t dim, float eps,
+                                    cudaStream_t stream);
+
 cudaError_t silu_mul_cuda(DType dtype, const void* gate_up, int64_t gate_up_row_stride, void* y, int64_t rows,
                           int64_t features, cudaStream_t stream);
 
@@ -143,6 +163,14 @@ cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_st
 
 cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
                                  int64_t rows, int64_t features, int64_t in_features, cudaStream_t stream);
+
+// `workspace` (8-byte aligned) holds one key per row and 64 outputs: linear_argmax_cuda_workspace_bytes(...)
+// bytes. The logits are linear_cuda's, bit for bit, and like linear it may read w early.
+size_t linear_argmax_cuda_workspace_bytes(int64_t rows, int64_t out_features);
+
+cudaError_t linear_argmax_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t* out,
+                               int64_t rows, int64_t out_features, int64_t in_features, void* workspace,
+                               size_t workspace_bytes, cudaStream_t stream);
 
 cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w,
                                            int64_t rows, int64_t in_features, const void* q_norm_weight,
@@ -163,7 +191,7 @@ cudaError_t attention_cuda(DType dtype, const void* q, const void* k_cache, cons
                            cudaStream_t stream);
 
 cudaError_t accept_cuda(const int64_t* drafts, const int64_t* targets, int64_t rows, int32_t* cache_len,
-                        int32_t* out_count, int64_t* next_anchor, cudaStream_t stream);
+                        int64_t* emitted, int64_t* next_anchor, cudaStream_t stream);
 #endif
 
 }  // namespace orthrus
