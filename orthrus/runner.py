@@ -56,7 +56,7 @@ class IterationRunner:
         self._draft_graph = self._verify_graph = None
         # An iteration's outputs.emitted ([count, tokens...]) is copied to a ring of pinned buffers.
         self._asynchronous = device.type == "cuda"
-        self._host = [torch.zeros(drafts + 2, dtype=torch.int64, pin_memory=self._asynchronous)
+        self._host = [torch.zeros(self.outputs.emitted.shape, dtype=torch.int64, pin_memory=self._asynchronous)
                       for _ in range(READBACK_SLOTS)]
         self._copied = [torch.cuda.Event() if self._asynchronous else None for _ in range(READBACK_SLOTS)]
         self._next_slot = 0
