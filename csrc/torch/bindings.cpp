@@ -276,20 +276,26 @@ struct NormShape {
   int64_t dim;
 };
 
-// The checks both norms share: x [rows, dim] and weight [dim] alike, eps finite and non-negative.
-NormShape checked_norm_arguments(const at::Tensor& x, const at::Tensor& weight, double eps, c10::Device device) {
+// The norm weight ([dim], the normalised rows' dtype) and eps (finite, non-negative).
+void check_norm_weight_and_eps(const at::Tensor& weight, at::ScalarType dtype, int64_t dim, const char* dim_source,
+                               double eps, c10::Device device) {
   check_device(weight, "weight", device);
-  const DType dtype = kernel_dtype(x, "x");
-  check_dtype(weight, "weight", x.scalar_type());
-  check_dim(x, "x", 2);
+  check_dtype(weight, "weight", dtype);
   check_dim(weight, "weight", 1);
-  const int64_t rows = x.size(0), dim = x.size(1);
-  check_rows(rows, "x", device);
-  ORTHRUS_CHECK_VALUE(dim >= 1, "x must have at least one column");
-  check_size(weight, "weight", 0, dim, "x.shape[1]");
+  check_size(weight, "weight", 0, dim, dim_source);
   check_contiguous(weight, "weight");
   check_finite(eps, "eps");
   ORTHRUS_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+}
+
+// The checks both norms share: x [rows, dim] and weight [dim] alike, eps finite and non-negative.
+NormShape checked_norm_arguments(const at::Tensor& x, const at::Tensor& weight, double eps, c10::Device device) {
+  const DType dtype = kernel_dtype(x, "x");
+  check_dim(x, "x", 2);
+  const int64_t rows = x.size(0), dim = x.size(1);
+  check_rows(rows, "x", device);
+  ORTHRUS_CHECK_VALUE(dim >= 1, "x must have at least one column");
+  check_norm_weight_and_eps(weight, x.scalar_type(), dim, "x.shape[1]", eps, device);
   return {dtype, rows, dim};
 }
 
@@ -347,7 +353,6 @@ std::tuple<at::Tensor, at::Tensor> embedding_rms_norm(const at::Tensor& tokens, 
                                                       const at::Tensor& weight, double eps) {
   const c10::Device device = checked_device(tokens, "tokens");
   check_device(table, "table", device);
-  check_device(weight, "weight", device);
   check_dtype(tokens, "tokens", at::kLong);
   check_dim(tokens, "tokens", 1);
   check_contiguous(tokens, "tokens");
@@ -358,12 +363,7 @@ std::tuple<at::Tensor, at::Tensor> embedding_rms_norm(const at::Tensor& tokens, 
   check_contiguous(table, "table");
   const int64_t vocab = table.size(0), dim = table.size(1);
   ORTHRUS_CHECK_VALUE(vocab >= 1 && dim >= 1, "table must not be empty, got shape ", table.sizes());
-  check_dtype(weight, "weight", table.scalar_type());
-  check_dim(weight, "weight", 1);
-  check_size(weight, "weight", 0, dim, "table.shape[1]");
-  check_contiguous(weight, "weight");
-  check_finite(eps, "eps");
-  ORTHRUS_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
+  check_norm_weight_and_eps(weight, table.scalar_type(), dim, "table.shape[1]", eps, device);
 
   at::Tensor x = at::empty({rows, dim}, table.options());
   at::Tensor y = at::empty({rows, dim}, table.options());
