@@ -9,17 +9,32 @@ namespace orthrus {
 namespace cuda_detail {
 namespace {
 
-template <typename T, int kRowGroups, LinearEpilogue kEpilogue, int kHeadDim>
-cudaError_t launch_for_row_groups(const LinearParams& params, int tiles, cudaStream_t stream) {
-  constexpr int kSmemBytes = linear_smem_bytes<kRowGroups>();
+template <typename T, int kRowGroups, LinearEpilogue kEpilogue, int kHeadDim, bool kXResident>
+cudaError_t launch_linear_kernel(const LinearParams& params, int tiles, int max_smem_bytes, int smem_bytes,
+                                 cudaStream_t stream) {
   constexpr int kDepth = linear_weight_depth(kRowGroups);
-  auto* const kernel = linear_rows_kernel<T, kRowGroups, kDepth, kEpilogue, kHeadDim>;
+  auto* const kernel = linear_rows_kernel<T, kRowGroups, kDepth, kEpilogue, kHeadDim, kXResident>;
   // A function attribute, not a stream operation: legal during graph capture.
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_bytes);
   if (status != cudaSuccess) return status;
   return launch_clustered_kernel(kernel, dim3(unsigned(tiles) * unsigned(params.split)),
                                  dim3(unsigned(params.cluster_tiles * params.split), 1, 1), dim3(kLinearThreads),
-                                 kSmemBytes, stream, params);
+                                 smem_bytes, stream, params);
+}
+
+template <typename T, int kRowGroups, LinearEpilogue kEpilogue, int kHeadDim>
+cudaError_t launch_for_row_groups(const LinearParams& params, int tiles, cudaStream_t stream) {
+  if constexpr (kRowGroups == 1) {
+    const int chunks_per_rank = (params.chunks + params.split - 1) / params.split;
+    if (chunks_per_rank <= kLinearResidentMaxChunks) {
+      constexpr int kBuffer = linear_x_buffer_bytes<kRowGroups>();
+      return launch_linear_kernel<T, kRowGroups, kEpilogue, kHeadDim, true>(
+          params, tiles, kLinearResidentMaxChunks * kBuffer, chunks_per_rank * kBuffer, stream);
+    }
+  }
+  constexpr int kSmemBytes = linear_smem_bytes<kRowGroups>();
+  return launch_linear_kernel<T, kRowGroups, kEpilogue, kHeadDim, false>(params, tiles, kSmemBytes, kSmemBytes,
+                                                                        stream);
 }
 
 template <typename T, LinearEpilogue kEpilogue, int kHeadDim>

@@ -85,11 +85,24 @@ struct LinearParams {
 constexpr int linear_weight_depth(int row_groups) { return row_groups <= 3 ? 2 : 1; }
 
 template <int kRowGroups>
+constexpr int linear_x_buffer_bytes() {
+  return kRowGroups * 8 * kLinearXPitch * 2;
+}
+
+template <int kRowGroups>
 constexpr int linear_smem_bytes() {
   // Two x chunk buffers (double buffering); the partial sums reuse them after the main loop.
-  return 2 * kRowGroups * 8 * kLinearXPitch * 2;
+  return 2 * linear_x_buffer_bytes<kRowGroups>();
 }
-static_assert(kLinearPartialPitch * 8 * 4 <= 2 * 8 * kLinearXPitch * 2, "partials must fit in the x buffers");
+
+// With one row group a CTA's whole run of x chunks fits in shared memory next to the other CTA of its SM
+// (16 chunks: 72 KB), so it is staged once and the main loop needs only three barriers instead of two per
+// chunk: a warp whose weights arrive early no longer waits for the CTA's slowest before its next loads. On
+// an H100 (8B, 1K, 2026-11-23, 3 interleaved runs) the AR step took 5.80-5.81 ms against 5.85. Fewer
+// barriers for more rows (x staged one or two chunks per barrier) made the B = 32 iteration slower, 12.81-12.99
+// ms against 12.77, so they keep the double buffer.
+constexpr int kLinearResidentMaxChunks = 16;
+static_assert(kLinearPartialPitch * 8 * 4 <= 8 * kLinearXPitch * 2, "partials must fit in one x buffer");
 
 __device__ __forceinline__ uint4 load_weight_vector(const void* pointer) {
   // Weights are read once per call: keep them out of L1 and ask L2 to fetch 256-byte runs.
@@ -186,7 +199,7 @@ __device__ __forceinline__ void stage_x_chunk(const LinearParams& p, int chunk, 
 // Grid: p.split CTAs per 64-row output tile, in clusters of p.cluster_tiles tiles. Each CTA: 4 warps along
 // N (16 weight rows each) x 2 warps along K (the two 128-wide halves of every 256-wide chunk). kHeadDim is
 // the head size for kHeadNormRope, else 0.
-template <typename T, int kRowGroups, int kDepth, LinearEpilogue kEpilogue, int kHeadDim>
+template <typename T, int kRowGroups, int kDepth, LinearEpilogue kEpilogue, int kHeadDim, bool kXResident>
 __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const LinearParams p) {
   namespace cg = cooperative_groups;
   extern __shared__ __align__(16) unsigned char linear_smem[];
@@ -261,7 +274,18 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     }
   }
   wait_for_previous_kernels();
-  if (chunk_begin < chunk_end) {
+  if constexpr (kXResident) {
+    // Three commit groups (the first two chunks, the next four, the rest; empty ones when there are fewer),
+    // so that the first MMAs wait for two chunks of x, not for all of them.
+    const int count = chunk_end - chunk_begin;
+    for (int index = 0; index < count; ++index) {
+      stage_x_chunk<T, kRowGroups>(p, chunk_begin + index, x_buffers + index * kXRows * kLinearXPitch);
+      if (index == 1 || index == 5) copy_async_commit();
+    }
+    if (count < 2) copy_async_commit();
+    if (count < 6) copy_async_commit();
+    copy_async_commit();
+  } else if (chunk_begin < chunk_end) {
     stage_x_chunk<T, kRowGroups>(p, chunk_begin, x_buffers);
     copy_async_commit();
   }
@@ -271,20 +295,29 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     for (int slot = 0; slot < kDepth; ++slot) {
       const int chunk = step + slot;
       if (chunk >= chunk_end) break;
-      const int parity = (chunk - chunk_begin) & 1;
-      const bool more = chunk + 1 < chunk_end;
-      if (more) {
-        // The other buffer was last read in the previous iteration, which ended with a barrier.
-        stage_x_chunk<T, kRowGroups>(p, chunk + 1, x_buffers + (parity ^ 1) * kXRows * kLinearXPitch);
-        copy_async_commit();
-        copy_async_wait<1>();
+      const int index = chunk - chunk_begin;
+      if constexpr (kXResident) {
+        if (index == 0 || index == 2 || index == 6) {
+          if (index == 0) copy_async_wait<2>();
+          if (index == 2) copy_async_wait<1>();
+          if (index == 6) copy_async_wait<0>();
+          __syncthreads();
+        }
       } else {
-        copy_async_wait<0>();
+        const int parity = index & 1;
+        if (chunk + 1 < chunk_end) {
+          // The other buffer was last read in the previous iteration, which ended with a barrier.
+          stage_x_chunk<T, kRowGroups>(p, chunk + 1, x_buffers + (parity ^ 1) * kXRows * kLinearXPitch);
+          copy_async_commit();
+          copy_async_wait<1>();
+        } else {
+          copy_async_wait<0>();
+        }
+        __syncthreads();
       }
-      __syncthreads();
 
-      const T* const x_chunk =
-          x_buffers + parity * kXRows * kLinearXPitch + warp_k * kLinearWarpStepK + quad * 8;
+      const T* const x_chunk = x_buffers + (kXResident ? index : index & 1) * kXRows * kLinearXPitch +
+                               warp_k * kLinearWarpStepK + quad * 8;
 #pragma unroll
       for (int block = 0; block < kLinearBlocksPerStep; ++block) {
         const uint4& row_low = weights[slot][block][0];
@@ -300,9 +333,10 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
         }
         if (chunk + kDepth < chunk_end) load_weight_block(chunk + kDepth, block, weights[slot][block]);
       }
-      __syncthreads();
+      if constexpr (!kXResident) __syncthreads();
     }
   }
+  if constexpr (kXResident) __syncthreads();  // the partial sums below overwrite the first x chunk
 
   // kHeadNormRope: this warp's first block row, and what finishing its head needs from memory, requested
   // now so that the loads overlap the exchange of partial sums.

@@ -74,6 +74,15 @@ def main():
         vocab = torch.randn(1000, 512, device=device).to(dtype)
         assert torch.equal(orthrus_ext.linear_argmax(x, vocab), orthrus_ext.linear(x, vocab).argmax(-1))
 
+        # One row group and a long K: all of x's 12 chunks staged at once (three commit groups), with and
+        # without 16-byte copies (a row stride of 3001 elements is not 16-byte aligned).
+        weight_long = torch.randn(300, 3000, device=device).to(dtype)
+        for pitch in (3008, 3001):
+            x_long = torch.randn(2, pitch, device=device).to(dtype)[:, :3000]
+            out = orthrus_ext.linear(x_long, weight_long).float()
+            reference = x_long.float() @ weight_long.float().T
+            assert ((out - reference).norm() / reference.norm()).item() < 1e-2
+
     targets = torch.arange(40, device=device)
     drafts = targets[:39].clone()
     drafts[35] = -1
