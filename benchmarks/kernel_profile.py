@@ -40,7 +40,7 @@ from orthrus.runner import IterationRunner  # noqa: E402
 REPLAYS = 10
 
 
-LINEAR_EPILOGUES = {"0": "store", "1": "silu_mul", "2": "head_norm_rope"}
+LINEAR_EPILOGUES = {"0": "store", "1": "silu_mul", "2": "head_norm_rope", "3": "argmax", "4": "residual_norm"}
 
 
 def short_name(kernel: str) -> str:

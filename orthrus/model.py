@@ -86,18 +86,25 @@ class Qwen3:
         The AR view stores its keys and values at those positions; the diffusion view leaves the cache as
         it was."""
         eps = self.config.rms_norm_eps
-        # x: the residual stream, updated in place by add_rms_norm.
+        # x: the residual stream, updated in place. h: the next projection's input, normalised already or,
+        # with square_sums, the deferred norm of ops.linear_add_deferred_norm, which that projection finishes.
         x, h = ops.embedding_rms_norm(tokens, self.embed, self.layers[0].input_norm, eps)
-        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        square_sums = None
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [None]
         for index, (layer, next_norm) in enumerate(zip(self.layers, next_norms)):
-            h = ops.add_rms_norm(x, self.attention(h, index, cache, view), layer.post_attention_norm, eps)
-            h = ops.add_rms_norm(x, self.mlp(h, layer), next_norm, eps)
-        return h
+            weights = layer.ar if view == AR_VIEW else layer.diffusion
+            attention = self.attention(h, square_sums, weights, index, cache, view)
+            h, square_sums = ops.linear_add_deferred_norm(attention, weights.o, x, layer.post_attention_norm, eps)
+            activation = ops.linear_silu_mul(h, layer.gate_up, square_sums, eps)
+            if next_norm is not None:
+                h, square_sums = ops.linear_add_deferred_norm(activation, layer.down, x, next_norm, eps)
+        # The final norm's output is the result, so it is applied here rather than deferred.
+        return ops.add_rms_norm(x, ops.linear(activation, self.layers[-1].down), self.final_norm, eps)
 
-    def attention(self, h: torch.Tensor, index: int, cache: KVCache, view: str) -> torch.Tensor:
+    def attention(self, h: torch.Tensor, square_sums: torch.Tensor | None, weights: AttentionWeights, index: int,
+                  cache: KVCache, view: str) -> torch.Tensor:
+        """The attention heads' output [rows, q_heads * head_dim], before the output projection."""
         config, rows = self.config, h.shape[0]
-        layer = self.layers[index]
-        weights = layer.ar if view == AR_VIEW else layer.diffusion
         if view == AR_VIEW:
             k_dst, v_dst, dst_start = cache.k[index], cache.v[index], cache.length
             k_block = v_block = None
@@ -105,13 +112,10 @@ class Qwen3:
             k_dst, v_dst, dst_start = cache.block_k, cache.block_v, cache.block_start
             k_block, v_block = cache.block_k[:rows], cache.block_v[:rows]
         q = ops.linear_qk_norm_rope_store(h, weights.qkv, weights.q_norm, weights.k_norm, self.rope_cos_sin,
-                                          cache.length, k_dst, v_dst, dst_start, config.rms_norm_eps)
+                                          cache.length, k_dst, v_dst, dst_start, config.rms_norm_eps, square_sums)
         out = ops.attention(q, cache.k[index], cache.v[index], cache.length, k_block, v_block,
                             causal=view == AR_VIEW, scale=self.scale)
-        return ops.linear(out.reshape(rows, -1), weights.o)
-
-    def mlp(self, h: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
-        return ops.linear(ops.linear_silu_mul(h, layer.gate_up), layer.down)
+        return out.reshape(rows, -1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return ops.linear(hidden, self.lm_head)

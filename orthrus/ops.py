@@ -54,12 +54,36 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return extension().linear_argmax(x, weight)
 
 
-def linear_silu_mul(x: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of the [gate | up] projection of x: silu(x gate^T) * (x up^T)."""
+def linear_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, square_sums: torch.Tensor | None = None,
+                    eps: float = 0.0) -> torch.Tensor:
+    """SwiGLU of the [gate | up] projection of x: silu(x gate^T) * (x up^T); with square_sums, x is a
+    deferred norm (linear_add_deferred_norm) that the projection finishes."""
     if x.shape[0] > MAX_BLOCK_ROWS:
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        gate, up = _projection(x, gate_up, square_sums, eps).chunk(2, dim=-1)
         return F.silu(gate) * up
-    return extension().linear_silu_mul(x, gate_up)
+    return extension().linear_silu_mul(x, gate_up, square_sums, eps)
+
+
+def linear_add_deferred_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                             norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """residual += linear(x, weight) in place, then the RMSNorm of residual, as (input, square_sums) for the
+    next projection (linear_silu_mul, linear_qk_norm_rope_store).
+
+    Up to MAX_BLOCK_ROWS rows the norm is deferred: input is residual * norm_weight and square_sums holds the
+    rows' sums of squares, from which the projection scales its fp32 sums, so no norm kernel runs between
+    the two linears. Longer blocks (prefill) get the normalised rows and None."""
+    if x.shape[0] > MAX_BLOCK_ROWS:
+        residual.add_(F.linear(x, weight))
+        return reference_rms_norm(residual, norm_weight, eps), None
+    return extension().linear_add_deferred_norm(x, weight, residual, norm_weight)
+
+
+def _projection(x: torch.Tensor, weight: torch.Tensor, square_sums: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """linear(x, weight) for blocks past MAX_BLOCK_ROWS, with a deferred norm's row scale if any."""
+    if square_sums is None:
+        return F.linear(x, weight)
+    scale = torch.rsqrt(square_sums.sum(-1, keepdim=True) / x.shape[1] + eps)
+    return (F.linear(x.float(), weight.float()) * scale).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -99,17 +123,19 @@ def reference_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
 
 
 def linear_qk_norm_rope_store(x, qkv_weight, q_norm_weight, k_norm_weight, rope_cos_sin, positions_start,
-                              k_dst, v_dst, dst_start, eps):
+                              k_dst, v_dst, dst_start, eps, square_sums=None):
     """The fused q | k | v projection of x, then per-head RMSNorm and RoPE of q and k; k and v are stored at
     rows dst_start.. of k_dst / v_dst ([rows, kv_heads, head_dim]). Returns the rotated q [rows, q_heads,
-    head_dim]."""
+    head_dim]. With square_sums, x is a deferred norm (linear_add_deferred_norm) that the projection
+    finishes."""
     rows = x.shape[0]
     if rows <= MAX_BLOCK_ROWS:
         return extension().linear_qk_norm_rope_store(x, qkv_weight, q_norm_weight, k_norm_weight, rope_cos_sin,
-                                                     positions_start, k_dst, v_dst, dst_start, eps)
+                                                     positions_start, k_dst, v_dst, dst_start, eps, square_sums, eps)
     head_dim, kv_size = k_dst.shape[-1], k_dst.shape[-2] * k_dst.shape[-1]
+    qkv = _projection(x, qkv_weight, square_sums, eps)
     q, k, v = (part.view(rows, -1, head_dim)
-               for part in F.linear(x, qkv_weight).split([qkv_weight.shape[0] - 2 * kv_size, kv_size, kv_size], -1))
+               for part in qkv.split([qkv_weight.shape[0] - 2 * kv_size, kv_size, kv_size], -1))
     start, dst = int(positions_start.item()), int(dst_start.item())
     cos_sin = rope_cos_sin[start:start + rows]
     k_dst[dst:dst + rows] = reference_rope(reference_rms_norm(k, k_norm_weight, eps), cos_sin)

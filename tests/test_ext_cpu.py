@@ -338,6 +338,80 @@ def test_linear_qk_norm_rope_store_is_linear_then_qk_norm_rope_store(gen, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the deferred norm: linear_add_deferred_norm, and the projections that finish it from its square_sums
+
+
+def deferred_norm_setup(gen, dtype, rows, dim):
+    in_features = randint(gen, 1, 200)
+    x = rows_view(gen, rows, in_features, dtype)
+    weight = randn(gen, dim, in_features, dtype=dtype)
+    residual = randn(gen, rows, dim, dtype=dtype)
+    norm_weight = (1 + 0.3 * randn(gen, dim)).to(dtype)
+    return x, weight, residual, norm_weight
+
+
+def column_run_square_sums(residual):
+    """float64 sums of squares over each run of 64 columns (the last run may be shorter)."""
+    rows, dim = residual.shape
+    padded = torch.nn.functional.pad(residual.double() ** 2, (0, -dim % 64))
+    return padded.view(rows, -1, 64).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_add_deferred_norm_updates_the_residual_as_add_rms_norm(gen, dtype):
+    rows, dim = randint(gen, 1, 64), randint(gen, 1, 300)
+    x, weight, residual, norm_weight = deferred_norm_setup(gen, dtype, rows, dim)
+    expected_residual = residual.clone()
+    ext.add_rms_norm(expected_residual, ext.linear(x, weight), norm_weight, 1e-6)
+    weighted, square_sums = ext.linear_add_deferred_norm(x, weight, residual, norm_weight)
+    assert torch.equal(residual, expected_residual)
+    assert torch.equal(weighted, (residual.float() * norm_weight.float()).to(dtype))
+    # Sums of squares of one sign: fp32 loses at most 64 roundings of 2^-24 each.
+    torch.testing.assert_close(square_sums.double(), column_run_square_sums(residual), rtol=1e-5, atol=0)
+
+
+def test_linear_add_deferred_norm_refuses_a_residual_over_x():
+    """The residual is written while x may still be read, so they must not overlap, strided x included."""
+    memory = torch.randn(400)
+    x = memory[:40].view(4, 10)[:, :8]  # spans elements 0..37
+    weight, norm_weight = torch.randn(70, 8), torch.randn(70)
+    with pytest.raises(ValueError, match="^residual must not share memory with x"):
+        ext.linear_add_deferred_norm(x, weight, memory[30:310].view(4, 70), norm_weight)
+    ext.linear_add_deferred_norm(x, weight, memory[38:318].view(4, 70), norm_weight)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_projections_of_a_deferred_norm_apply_its_row_scale(gen, dtype):
+    rows, dim, eps = randint(gen, 1, 64), randint(gen, 1, 300), 1e-6
+    x, weight, residual, norm_weight = deferred_norm_setup(gen, dtype, rows, dim)
+    weighted, square_sums = ext.linear_add_deferred_norm(x, weight, residual, norm_weight)
+    scale = torch.rsqrt((residual.double() ** 2).mean(-1, keepdim=True) + eps)
+    inputs = weighted.double()
+
+    features = randint(gen, 1, 100)
+    gate_up = randn(gen, 2 * features, dim, dtype=dtype)
+    gate, up = (inputs @ gate_up.double().T * scale).chunk(2, dim=-1)
+    gate_size, up_size = (inputs.abs() @ gate_up.double().abs().T * scale).chunk(2, dim=-1)
+    out = ext.linear_silu_mul(weighted, gate_up, square_sums, eps)
+    # Rounding gate and up, then the product: silu's slope stays below 1.1, so 4 roundings bound it.
+    error = (out.double() - gate * torch.sigmoid(gate) * up).abs()
+    assert (error <= 4 * RTOL[dtype] * gate_size * up_size + 1e-30).all()
+
+    # v is stored as projected: the row scale must be on it (q and k are normalised per head again).
+    q, k, v, q_weight, k_weight, table, position, dst_rows, dst_start = qk_norm_rope_setup(gen, dtype, rows)
+    q_heads, kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    qkv_weight = randn(gen, (q_heads + 2 * kv_heads) * head_dim, dim, dtype=dtype)
+    k_dst = torch.full((dst_rows, kv_heads, head_dim), float("nan"), dtype=dtype)
+    v_dst = torch.full_like(k_dst, float("nan"))
+    ext.linear_qk_norm_rope_store(weighted, qkv_weight, q_weight, k_weight, table, scalar(position), k_dst, v_dst,
+                                  scalar(dst_start), eps, square_sums, eps)
+    v_weight = qkv_weight[-kv_heads * head_dim:].double()
+    stored = v_dst[dst_start:dst_start + rows].reshape(rows, -1).double()
+    bound = RTOL[dtype] * (inputs.abs() @ v_weight.abs().T * scale) + 1e-30
+    assert ((stored - inputs @ v_weight.T * scale).abs() <= bound).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # linear_argmax: torch.argmax of the stored linear, ties, NaN and signed zeros included
 
 
@@ -544,13 +618,16 @@ def good_arguments():
     return {
         "linear": dict(x=torch.randn(rows, 8), weight=torch.randn(5, 8)),
         "linear_argmax": dict(x=torch.randn(rows, 8), weight=torch.randn(5, 8)),
-        "linear_silu_mul": dict(x=torch.randn(rows, 8), weight=torch.randn(6, 8)),
+        "linear_silu_mul": dict(x=torch.randn(rows, 8), weight=torch.randn(6, 8),
+                                square_sums=torch.rand(rows, 1), norm_eps=1e-6),
+        "linear_add_deferred_norm": dict(x=torch.randn(rows, 8), weight=torch.randn(70, 8),
+                                         residual=torch.randn(rows, 70), norm_weight=torch.randn(70)),
         "linear_qk_norm_rope_store": dict(
             x=torch.randn(rows, 8), weight=torch.randn((q_heads + 2 * kv_heads) * head_dim, 8),
             q_norm_weight=torch.ones(head_dim), k_norm_weight=torch.ones(head_dim),
             rope_cos_sin=rope_table(32, head_dim), positions_start=scalar(3),
             k_dst=torch.zeros(16, kv_heads, head_dim), v_dst=torch.zeros(16, kv_heads, head_dim),
-            dst_start=scalar(3), eps=1e-6),
+            dst_start=scalar(3), eps=1e-6, square_sums=torch.rand(rows, 1), norm_eps=1e-6),
         "rms_norm": dict(x=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
         "add_rms_norm": dict(x=torch.randn(rows, 8), delta=torch.randn(rows, 8), weight=torch.randn(8), eps=1e-6),
         "embedding_rms_norm": dict(tokens=torch.arange(rows), table=torch.randn(16, 8), weight=torch.randn(8),
@@ -590,6 +667,19 @@ BAD_ARGUMENTS = [
     ("linear_silu_mul", "x", lambda a: a["x"].to(torch.float64), TypeError),
     ("linear_silu_mul", "weight", lambda a: torch.randn(5, 8), ValueError),
     ("linear_silu_mul", "weight", lambda a: torch.randn(6, 9), ValueError),
+    ("linear_silu_mul", "square_sums", lambda a: torch.rand(4, 2), ValueError),
+    ("linear_silu_mul", "square_sums", lambda a: torch.rand(3, 1), ValueError),
+    ("linear_silu_mul", "square_sums", lambda a: torch.rand(4, 1).double(), TypeError),
+    ("linear_silu_mul", "square_sums", lambda a: torch.rand(4, 2)[:, :1], ValueError),
+    ("linear_silu_mul", "norm_eps", lambda a: -1.0, ValueError),
+    ("linear_add_deferred_norm", "x", lambda a: a["x"].double(), TypeError),
+    ("linear_add_deferred_norm", "weight", lambda a: torch.randn(70, 9), ValueError),
+    ("linear_add_deferred_norm", "residual", lambda a: torch.randn(4, 69), ValueError),
+    ("linear_add_deferred_norm", "residual", lambda a: torch.randn(3, 70), ValueError),
+    ("linear_add_deferred_norm", "residual", lambda a: a["residual"].bfloat16(), TypeError),
+    ("linear_add_deferred_norm", "residual", lambda a: torch.randn(70, 4).T, ValueError),
+    ("linear_add_deferred_norm", "norm_weight", lambda a: torch.randn(8), ValueError),
+    ("linear_add_deferred_norm", "norm_weight", lambda a: a["norm_weight"].half(), TypeError),
     ("linear_qk_norm_rope_store", "x", lambda a: torch.randn(8, 4).T, ValueError),
     ("linear_qk_norm_rope_store", "weight", lambda a: torch.randn(64, 8), ValueError),
     ("linear_qk_norm_rope_store", "weight", lambda a: torch.randn(136, 8), ValueError),
@@ -601,6 +691,8 @@ BAD_ARGUMENTS = [
     ("linear_qk_norm_rope_store", "v_dst", lambda a: torch.zeros(15, 2, 16), ValueError),
     ("linear_qk_norm_rope_store", "dst_start", lambda a: scalar(14), ValueError),
     ("linear_qk_norm_rope_store", "eps", lambda a: float("nan"), ValueError),
+    ("linear_qk_norm_rope_store", "square_sums", lambda a: torch.rand(4, 2), ValueError),
+    ("linear_qk_norm_rope_store", "norm_eps", lambda a: float("inf"), ValueError),
     ("rms_norm", "x", lambda a: a["x"].to(torch.int64), TypeError),
     ("rms_norm", "weight", lambda a: torch.randn(9), ValueError),
     ("rms_norm", "weight", lambda a: a["weight"].bfloat16(), TypeError),

@@ -167,7 +167,15 @@ struct LinearProblem {
   int64_t rows;
   int64_t out_features;
   int64_t in_features;
+  const float* row_scale;  // multiplies row m's fp32 sums before they are rounded (a deferred norm), or null
 };
+
+// linear_cpu with LinearProblem::row_scale.
+void scaled_linear(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
+                   int64_t out_features, int64_t in_features, const float* row_scale);
+
+// The deferred norm's per-row scales (orthrus/kernels.h) from its sums of squares [rows][tiles].
+std::vector<float> deferred_norm_scales(const float* square_sums, int64_t rows, int64_t in_features, float eps);
 
 // Output features per tile: a single decode row reuses nothing across rows, so it spends the registers
 // on more weight rows at once.

@@ -10,10 +10,10 @@
 
 namespace orthrus {
 
-void linear_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
-                int64_t out_features, int64_t in_features) {
+void cpu::scaled_linear(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
+                        int64_t out_features, int64_t in_features, const float* row_scale) {
   if (rows <= 0 || out_features <= 0) return;
-  cpu::LinearProblem problem{dtype, nullptr, in_features, w, y, rows, out_features, in_features};
+  cpu::LinearProblem problem{dtype, nullptr, in_features, w, y, rows, out_features, in_features, row_scale};
   if (dtype == DType::kFloat32) {
     problem.x = static_cast<const float*>(x);
     problem.x_row_stride = x_row_stride;
@@ -38,6 +38,11 @@ void linear_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w,
   const int64_t work_per_tile = cols_per_tile * rows * std::max<int64_t>(in_features, 1);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work_per_tile);
   cpu::parallel_for(tiles, grain, [&](int64_t begin, int64_t end) { range(problem, begin, end); });
+}
+
+void linear_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
+                int64_t out_features, int64_t in_features) {
+  cpu::scaled_linear(dtype, x, x_row_stride, w, y, rows, out_features, in_features, nullptr);
 }
 
 void linear_argmax_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t* out,

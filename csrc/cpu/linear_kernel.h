@@ -65,9 +65,16 @@ inline void linear_tiles(const LinearProblem& problem, int64_t first_tile, int64
         x_rows[m] = problem.x + (m0 + std::min<int64_t>(m, valid_rows - 1)) * problem.x_row_stride;
       float results[kRows * kCols];
       dot_tile<kRows, kCols>(x_rows, w_rows, in_features, results);
-      for (int64_t m = 0; m < valid_rows; ++m)
-        for (int64_t n = 0; n < valid_cols; ++n)
-          y[(m0 + m) * problem.out_features + n0 + n] = Storage<kDType>::store(results[m * kCols + n]);
+      for (int64_t m = 0; m < valid_rows; ++m) {
+        const float* const row_results = results + m * kCols;
+        Element* const row_y = y + (m0 + m) * problem.out_features + n0;
+        if (problem.row_scale) {
+          const float scale = problem.row_scale[m0 + m];
+          for (int64_t n = 0; n < valid_cols; ++n) row_y[n] = Storage<kDType>::store(row_results[n] * scale);
+        } else {
+          for (int64_t n = 0; n < valid_cols; ++n) row_y[n] = Storage<kDType>::store(row_results[n]);
+        }
+      }
     }
   }
 }

@@ -24,6 +24,11 @@ __device__ __forceinline__ void copy_async_16(uint32_t destination, const void* 
   }
 }
 
+// Copies 4 bytes to `destination` (a shared-memory address) through L1 and L2.
+__device__ __forceinline__ void copy_async_4(uint32_t destination, const void* source) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(destination), "l"(source));
+}
+
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 // Waits until at most kPending of this thread's committed copy groups are still in flight.

@@ -9,17 +9,24 @@ namespace orthrus {
 namespace cuda_detail {
 namespace {
 
+// The x buffers take x_smem_bytes of shared memory (at most max_x_smem_bytes), a deferred norm's sums of
+// squares follow them.
 template <typename T, int kRowGroups, LinearEpilogue kEpilogue, int kHeadDim, bool kXResident>
-cudaError_t launch_linear_kernel(const LinearParams& params, int tiles, int max_smem_bytes, int smem_bytes,
+cudaError_t launch_linear_kernel(LinearParams params, int tiles, int max_x_smem_bytes, int x_smem_bytes,
                                  cudaStream_t stream) {
   constexpr int kDepth = linear_weight_depth(kRowGroups);
+  constexpr int kMaxSquareSumBytes = kRowGroups * 8 * kLinearMaxSquareSumTiles * int(sizeof(float));
   auto* const kernel = linear_rows_kernel<T, kRowGroups, kDepth, kEpilogue, kHeadDim, kXResident>;
-  // A function attribute, not a stream operation: legal during graph capture.
-  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_bytes);
+  // A function attribute, not a stream operation: legal during graph capture. Always the most this kernel
+  // can use, so that no launch lowers it under a captured one.
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            max_x_smem_bytes + kMaxSquareSumBytes);
   if (status != cudaSuccess) return status;
+  params.x_smem_bytes = x_smem_bytes;
+  const int square_sum_bytes = params.square_sums ? params.rows * params.square_sum_tiles * int(sizeof(float)) : 0;
   return launch_clustered_kernel(kernel, dim3(unsigned(tiles) * unsigned(params.split)),
                                  dim3(unsigned(params.cluster_tiles * params.split), 1, 1), dim3(kLinearThreads),
-                                 smem_bytes, stream, params);
+                                 x_smem_bytes + square_sum_bytes, stream, params);
 }
 
 template <typename T, int kRowGroups, LinearEpilogue kEpilogue, int kHeadDim>
@@ -35,6 +42,18 @@ cudaError_t launch_for_row_groups(const LinearParams& params, int tiles, cudaStr
   constexpr int kSmemBytes = linear_smem_bytes<kRowGroups>();
   return launch_linear_kernel<T, kRowGroups, kEpilogue, kHeadDim, false>(params, tiles, kSmemBytes, kSmemBytes,
                                                                         stream);
+}
+
+// A consumer's deferred norm (orthrus/kernels.h): false when the sums cannot be staged.
+bool set_deferred_norm(LinearParams& params, const float* square_sums, float norm_eps) {
+  if (!square_sums) return true;
+  const int64_t tiles = square_sum_columns(params.in_features);
+  if (tiles > kLinearMaxSquareSumTiles || reinterpret_cast<uintptr_t>(square_sums) % alignof(float) != 0) return false;
+  params.square_sums = square_sums;
+  params.square_sum_tiles = int(tiles);
+  params.norm_eps = norm_eps;
+  params.square_sum_vector_copies = tiles % 4 == 0 && reinterpret_cast<uintptr_t>(square_sums) % 16 == 0;
+  return true;
 }
 
 template <typename T, LinearEpilogue kEpilogue, int kHeadDim>
@@ -166,14 +185,15 @@ cudaError_t linear_cuda(DType dtype, const void* x, int64_t x_row_stride, const 
 }
 
 cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
-                                 int64_t rows, int64_t features, int64_t in_features, cudaStream_t stream) {
+                                 int64_t rows, int64_t features, int64_t in_features, const float* square_sums,
+                                 float norm_eps, cudaStream_t stream) {
   using namespace cuda_detail;
   // The split of the plain linear over the same weights: the same sums, so the same bits.
   const int split = linear_split_for_shape(2 * features, in_features);
   LinearParams params;
   if (features < 0 || features > INT32_MAX / 2 ||
       !make_linear_params(dtype, x, x_row_stride, w, rows, 2 * features, in_features, split, 1, params) || !y ||
-      reinterpret_cast<uintptr_t>(y) % 2 != 0) {
+      reinterpret_cast<uintptr_t>(y) % 2 != 0 || !set_deferred_norm(params, square_sums, norm_eps)) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0 || features == 0) return cudaSuccess;
@@ -182,6 +202,33 @@ cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_strid
   params.y_vector_stores = reinterpret_cast<uintptr_t>(y) % 8 == 0 && features % 4 == 0;
   const int tiles = int((features + kLinearTileRows / 2 - 1) / (kLinearTileRows / 2));
   return launch_for_type<LinearEpilogue::kSiluMul>(dtype, params, tiles, stream);
+}
+
+cudaError_t linear_add_deferred_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w,
+                                          void* residual, const void* norm_weight, void* weighted,
+                                          float* square_sums, int64_t rows, int64_t out_features,
+                                          int64_t in_features, cudaStream_t stream) {
+  using namespace cuda_detail;
+  // The plain linear's split: the same sums, so the residual gets the same update as linear + add_rms_norm.
+  const int split = linear_split_for_shape(out_features, in_features);
+  LinearParams params;
+  if (!make_linear_params(dtype, x, x_row_stride, w, rows, out_features, in_features, split, 1, params) ||
+      !residual || !norm_weight || !weighted || !square_sums ||
+      reinterpret_cast<uintptr_t>(residual) % 2 != 0 || reinterpret_cast<uintptr_t>(norm_weight) % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(weighted) % 2 != 0 ||
+      reinterpret_cast<uintptr_t>(square_sums) % alignof(float) != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (rows == 0 || out_features == 0) return cudaSuccess;
+  params.y = weighted;
+  params.residual = residual;
+  params.norm_weight = norm_weight;
+  params.square_sums_out = square_sums;
+  params.residual_vector_access = out_features % 4 == 0 && reinterpret_cast<uintptr_t>(residual) % 8 == 0 &&
+                                  reinterpret_cast<uintptr_t>(norm_weight) % 8 == 0 &&
+                                  reinterpret_cast<uintptr_t>(weighted) % 8 == 0;
+  const int tiles = int((out_features + kLinearTileRows - 1) / kLinearTileRows);
+  return launch_for_type<LinearEpilogue::kResidualNorm>(dtype, params, tiles, stream);
 }
 
 size_t linear_argmax_cuda_workspace_bytes(int64_t rows, int64_t out_features) {
@@ -219,7 +266,8 @@ cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x
                                            const void* k_norm_weight, const float* rope_cos_sin,
                                            const int32_t* positions_start, void* q_out, void* k_dst, void* v_dst,
                                            const int32_t* dst_start, int64_t q_heads, int64_t kv_heads,
-                                           int64_t head_dim, float eps, cudaStream_t stream) {
+                                           int64_t head_dim, float eps, const float* square_sums, float norm_eps,
+                                           cudaStream_t stream) {
   using namespace cuda_detail;
   if (head_dim != 64 && head_dim != 128) return cudaErrorInvalidValue;
   HeadNormRopeTargets heads;
@@ -233,7 +281,8 @@ cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x
   // 128: every Qwen3 shape), so the sums match it bit for bit.
   const int split = std::min(linear_split_for_shape(weight_rows, in_features), kLinearMaxSplit / cluster_tiles);
   LinearParams params;
-  if (!make_linear_params(dtype, x, x_row_stride, w, rows, weight_rows, in_features, split, cluster_tiles, params)) {
+  if (!make_linear_params(dtype, x, x_row_stride, w, rows, weight_rows, in_features, split, cluster_tiles, params) ||
+      !set_deferred_norm(params, square_sums, norm_eps)) {
     return cudaErrorInvalidValue;
   }
   params.heads = heads;

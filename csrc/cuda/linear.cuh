@@ -60,6 +60,9 @@ enum class LinearEpilogue {
   // y holds uint64 keys [rows][tiles]: per row and tile the largest linear_argmax_key of the tile's outputs as
   // rounded to T. linear_argmax_finish_kernel reduces them to torch.argmax of the stored linear's output.
   kArgmax,
+  // The producer of a deferred RMSNorm (orthrus/kernels.h): residual += the rounded output, y = residual *
+  // norm_weight, and per row the sum of squares of the tile's residual outputs.
+  kResidualNorm,
 };
 
 struct LinearParams {
@@ -77,6 +80,19 @@ struct LinearParams {
   bool x_vector_loads;   // x and its row stride allow 16-byte copies
   bool y_vector_stores;  // y and its row length allow 8-byte stores of 4 outputs
   HeadNormRopeTargets heads;  // kHeadNormRope
+  // kResidualNorm: the residual stream [rows][out_features], the next norm's weight and the sums of squares
+  // [rows][tiles] this kernel produces.
+  void* residual;
+  const void* norm_weight;
+  float* square_sums_out;
+  bool residual_vector_access;  // residual, norm_weight and y allow 8-byte accesses of 4 outputs
+  // A deferred RMSNorm's sums of squares [rows][square_sum_tiles] that scale every row of the sums, or null.
+  // They are staged in shared memory after the first x_smem_bytes.
+  const float* square_sums;
+  int square_sum_tiles;
+  float norm_eps;
+  bool square_sum_vector_copies;  // whole 16-byte runs of sums
+  int x_smem_bytes;
 };
 
 // Chunks of weights each warp keeps in flight (registers). Two fit the 128-register budget of two CTAs per
@@ -103,6 +119,37 @@ constexpr int linear_smem_bytes() {
 // ms against 12.77, so they keep the double buffer.
 constexpr int kLinearResidentMaxChunks = 16;
 static_assert(kLinearPartialPitch * 8 * 4 <= 8 * kLinearXPitch * 2, "partials must fit in one x buffer");
+// A deferred norm's sums of squares are staged whole: rows of up to 8192 features (every Qwen3 hidden size).
+constexpr int kLinearMaxSquareSumTiles = 128;
+static_assert(kLinearTileRows == kSquareSumColumns, "a producer's output tile is one run of its sums of squares");
+
+// The residual and the norm weight behind 4 consecutive outputs of a kResidualNorm tile, as stored (zeros
+// past the end of the row). The weights are constant, so they may be requested before the PDL wait.
+template <typename T>
+struct ResidualInputs {
+  uint2 residual;
+  uint2 norm_weight;
+
+  __device__ __forceinline__ void load_norm_weight(const LinearParams& p, int64_t n) {
+    norm_weight = load4(p, static_cast<const T*>(p.norm_weight), n);
+  }
+  __device__ __forceinline__ void load_residual(const LinearParams& p, int row, int64_t n) {
+    residual = load4(p, static_cast<const T*>(p.residual) + int64_t(row) * p.out_features, n);
+  }
+  static __device__ __forceinline__ float value(const uint2& packed, int j) {
+    return to_float(reinterpret_cast<const T*>(&packed)[j]);
+  }
+
+ private:
+  static __device__ __forceinline__ uint2 load4(const LinearParams& p, const T* row, int64_t n) {
+    if (p.residual_vector_access && n + 4 <= p.out_features) return *reinterpret_cast<const uint2*>(row + n);
+    uint2 packed;
+    T* const elements = reinterpret_cast<T*>(&packed);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) elements[j] = n + j < p.out_features ? row[n + j] : from_float<T>(0.0f);
+    return packed;
+  }
+};
 
 __device__ __forceinline__ uint4 load_weight_vector(const void* pointer) {
   // Weights are read once per call: keep them out of L1 and ask L2 to fetch 256-byte runs.
@@ -217,6 +264,19 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   const int group = lane / 4;  // fragment row (weights) / column (x rows)
   const int quad = lane % 4;   // which 8 contiguous k of a 32-wide block this lane holds
 
+  // kResidualNorm: this thread's first item of the epilogue loop needs the residual and norm weight behind
+  // it. With one row group (the AR step) they are requested at the start, the weights before the wait, so
+  // that the epilogue never waits for them; with more, the main loop needs the registers and they are
+  // requested after it.
+  const int first_item = rank * kLinearThreads + int(threadIdx.x);
+  [[maybe_unused]] const bool has_first_item = first_item < p.rows * 16;
+  [[maybe_unused]] const int64_t first_column = int64_t(tile) * kLinearTileRows + (first_item % 16) * 4;
+  constexpr bool kEarlyResidual = kEpilogue == LinearEpilogue::kResidualNorm && kRowGroups == 1;
+  [[maybe_unused]] ResidualInputs<T> first_residual;
+  if constexpr (kEarlyResidual) {
+    if (has_first_item) first_residual.load_norm_weight(p, first_column);
+  }
+
   const int chunk_begin = int(int64_t(rank) * p.chunks / p.split);
   const int chunk_end = int(int64_t(rank + 1) * p.chunks / p.split);
 
@@ -274,6 +334,23 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     }
   }
   wait_for_previous_kernels();
+  if constexpr (kEarlyResidual) {
+    if (has_first_item) first_residual.load_residual(p, first_item / 16, first_column);
+  }
+  // A deferred norm's sums of squares join the first group of x copies.
+  float* const staged_square_sums = reinterpret_cast<float*>(linear_smem + p.x_smem_bytes);
+  if (p.square_sums) {
+    const int count = p.rows * p.square_sum_tiles;
+    const int step = p.square_sum_vector_copies ? 4 : 1;
+    for (int i = step * int(threadIdx.x); i < count; i += step * kLinearThreads) {
+      const uint32_t destination = static_cast<uint32_t>(__cvta_generic_to_shared(staged_square_sums + i));
+      if (p.square_sum_vector_copies) {
+        copy_async_16<CopyCache::kL1AndL2>(destination, p.square_sums + i, true);
+      } else {
+        copy_async_4(destination, p.square_sums + i);
+      }
+    }
+  }
   if constexpr (kXResident) {
     // Three commit groups (the first two chunks, the next four, the rest; empty ones when there are fewer),
     // so that the first MMAs wait for two chunks of x, not for all of them.
@@ -289,6 +366,24 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     stage_x_chunk<T, kRowGroups>(p, chunk_begin, x_buffers);
     copy_async_commit();
   }
+  // The deferred norm's scale of each row, from the staged sums of squares in a fixed order, all rows at
+  // once. Computed as soon as the first barrier has made the sums visible, under the weight stream rather
+  // than on the epilogue's path; the later barriers publish it.
+  __shared__ float row_scales[kMaxBlockRows];
+  auto compute_row_scales = [&]() {
+    constexpr int kLanesPerRow = kLinearThreads / kMaxBlockRows;
+    const int row = int(threadIdx.x) / kLanesPerRow;
+    float sum = 0.0f;
+    if (row < p.rows) {
+      for (int t = int(threadIdx.x) % kLanesPerRow; t < p.square_sum_tiles; t += kLanesPerRow)
+        sum += staged_square_sums[row * p.square_sum_tiles + t];
+    }
+#pragma unroll
+    for (int offset = kLanesPerRow / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, offset);
+    if (row < p.rows && threadIdx.x % kLanesPerRow == 0) {
+      row_scales[row] = rsqrtf(sum / float(p.in_features) + p.norm_eps);
+    }
+  };
   // Steps of kDepth chunks, unrolled so that every register index is a constant.
   for (int step = chunk_begin; step < chunk_end; step += kDepth) {
 #pragma unroll
@@ -315,6 +410,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
         }
         __syncthreads();
       }
+      if (index == 0 && p.square_sums) compute_row_scales();
 
       const T* const x_chunk = x_buffers + (kXResident ? index : index & 1) * kXRows * kLinearXPitch +
                                warp_k * kLinearWarpStepK + quad * 8;
@@ -348,6 +444,14 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   if constexpr (kEpilogue == LinearEpilogue::kHeadNormRope) {
     if (head_first_row < p.rows) head_finish = HeadFinish<T, kHeadDim>(p.heads, head_first_row, head, lane);
   }
+  if constexpr (kEpilogue == LinearEpilogue::kResidualNorm && !kEarlyResidual) {
+    if (has_first_item) {
+      first_residual.load_norm_weight(p, first_column);
+      first_residual.load_residual(p, first_item / 16, first_column);
+    }
+  }
+
+  auto scaled = [&](int row, float value) { return p.square_sums ? value * row_scales[row] : value; };
 
   // Accumulator element i of group g: x row 8g + 2*quad + (i & 1), tile column warp_n*16 + group + 8*(i >> 1).
   float* const partial = reinterpret_cast<float*>(linear_smem);
@@ -397,20 +501,57 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
     constexpr int kOutputs = kSiluMul ? kLinearTileRows / 2 : kLinearTileRows;
     constexpr int kQuadsPerRow = kOutputs / 4;
     const int64_t width = kSiluMul ? p.features : p.out_features;  // y's row length
-    for (int item = rank * kLinearThreads + int(threadIdx.x); item < p.rows * kQuadsPerRow;
-         item += p.split * kLinearThreads) {
+    for (int item = first_item; item < p.rows * kQuadsPerRow; item += p.split * kLinearThreads) {
       const int row = item / kQuadsPerRow;
       const int column = (item % kQuadsPerRow) * 4;
       const float4 sum = rank_sum(0, row * kLinearPartialPitch + column);
-      float values[4] = {sum.x, sum.y, sum.z, sum.w};
+      float values[4] = {scaled(row, sum.x), scaled(row, sum.y), scaled(row, sum.z), scaled(row, sum.w)};
       if constexpr (kSiluMul) {
         const float4 up = rank_sum(0, row * kLinearPartialPitch + kOutputs + column);
-        const float ups[4] = {up.x, up.y, up.z, up.w};
+        const float ups[4] = {scaled(row, up.x), scaled(row, up.y), scaled(row, up.z), scaled(row, up.w)};
 #pragma unroll
         for (int j = 0; j < 4; ++j) values[j] = swiglu(rounded(values[j]), rounded(ups[j]));
       }
       const int64_t n = int64_t(tile) * kOutputs + column;
-      if constexpr (kEpilogue == LinearEpilogue::kArgmax) {
+      if constexpr (kEpilogue == LinearEpilogue::kResidualNorm) {
+        static_assert(kQuadsPerRow == 16, "a row's items fill a half warp");
+        ResidualInputs<T> inputs = first_residual;
+        if (item != first_item) {
+          inputs.load_norm_weight(p, n);
+          inputs.load_residual(p, row, n);
+        }
+        T* const residual = static_cast<T*>(p.residual) + int64_t(row) * width + n;
+        T* const weighted = static_cast<T*>(p.y) + int64_t(row) * width + n;
+        float updated[4], scaled_by_weight[4];
+        float squares = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          // Past the end of the row everything is zero and nothing is stored.
+          updated[j] = rounded(ResidualInputs<T>::value(inputs.residual, j) + rounded(values[j]));
+          scaled_by_weight[j] = updated[j] * ResidualInputs<T>::value(inputs.norm_weight, j);
+          squares += updated[j] * updated[j];
+        }
+        if (p.residual_vector_access && n + 4 <= width) {
+          *reinterpret_cast<uint2*>(residual) =
+              make_uint2(pack2<T>(updated[0], updated[1]), pack2<T>(updated[2], updated[3]));
+          *reinterpret_cast<uint2*>(weighted) = make_uint2(pack2<T>(scaled_by_weight[0], scaled_by_weight[1]),
+                                                           pack2<T>(scaled_by_weight[2], scaled_by_weight[3]));
+        } else {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (n + j < width) {
+              residual[j] = from_float<T>(updated[j]);
+              weighted[j] = from_float<T>(scaled_by_weight[j]);
+            }
+          }
+        }
+#pragma unroll
+        for (int offset = 8; offset > 0; offset /= 2) {
+          squares += __shfl_xor_sync(0xFFFFu << (lane & 16), squares, offset);
+        }
+        const int tiles = (p.out_features + kLinearTileRows - 1) / kLinearTileRows;
+        if (lane % 16 == 0) p.square_sums_out[int64_t(row) * tiles + tile] = squares;
+      } else if constexpr (kEpilogue == LinearEpilogue::kArgmax) {
         static_assert(kQuadsPerRow == 16, "a row's items fill a half warp");
         uint64_t key = 0;
 #pragma unroll
@@ -444,7 +585,8 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
       const int column = index % kLinearTileRows;
       const float4 sum = rank_sum(index / kLinearTileRows, row * kLinearPartialPitch + (column & ~3));
       const int lane_of_four = column & 3;
-      return rounded(lane_of_four == 0 ? sum.x : lane_of_four == 1 ? sum.y : lane_of_four == 2 ? sum.z : sum.w);
+      return rounded(
+          scaled(row, lane_of_four == 0 ? sum.x : lane_of_four == 1 ? sum.y : lane_of_four == 2 ? sum.z : sum.w));
     };
     for (int row = head_first_row; row < p.rows; row += head_row_step) {
       if (row != head_first_row) head_finish = HeadFinish<T, kHeadDim>(p.heads, row, head, lane);

@@ -5,8 +5,9 @@ lets `import orthrus_ext` work on its own."""
 
 import torch  # noqa: F401
 
-from ._C import (accept, add_rms_norm, attention, embedding_rms_norm, has_cuda, linear, linear_argmax,
-                 linear_qk_norm_rope_store, linear_silu_mul, qk_norm_rope_store, rms_norm, silu_mul)
+from ._C import (accept, add_rms_norm, attention, embedding_rms_norm, has_cuda, linear, linear_add_deferred_norm,
+                 linear_argmax, linear_qk_norm_rope_store, linear_silu_mul, qk_norm_rope_store, rms_norm, silu_mul)
 
-__all__ = ["accept", "add_rms_norm", "attention", "embedding_rms_norm", "has_cuda", "linear", "linear_argmax",
-           "linear_qk_norm_rope_store", "linear_silu_mul", "qk_norm_rope_store", "rms_norm", "silu_mul"]
+__all__ = ["accept", "add_rms_norm", "attention", "embedding_rms_norm", "has_cuda", "linear",
+           "linear_add_deferred_norm", "linear_argmax", "linear_qk_norm_rope_store", "linear_silu_mul",
+           "qk_norm_rope_store", "rms_norm", "silu_mul"]

@@ -132,6 +132,17 @@ void check_rows(int64_t rows, const char* name, const c10::Device& device) {
 
 // A [rows, ...] tensor whose rows may be strided (views into a fused projection) but whose trailing
 // dimensions are packed. Returns the row stride in elements.
+// A contiguous [rows, columns] tensor on `device` of `dtype`; the sources say where the sizes come from.
+void check_matrix(const at::Tensor& tensor, const char* name, c10::Device device, at::ScalarType dtype, int64_t rows,
+                  const char* rows_source, int64_t columns, const char* columns_source) {
+  check_device(tensor, name, device);
+  check_dtype(tensor, name, dtype);
+  check_dim(tensor, name, 2);
+  check_size(tensor, name, 0, rows, rows_source);
+  check_size(tensor, name, 1, columns, columns_source);
+  check_contiguous(tensor, name);
+}
+
 int64_t checked_row_stride(const at::Tensor& tensor, const char* name) {
   int64_t packed = 1;
   for (int64_t dim = tensor.dim() - 1; dim >= 1; --dim) {
@@ -177,6 +188,23 @@ at::Tensor cuda_workspace(size_t bytes, c10::Device device) {
 #endif
 
 // ---- ops -------------------------------------------------------------------------------------------------
+
+// Whether two tensors may have bytes in common. ATen gives up on strided views; then the byte ranges they
+// span decide.
+bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  if (status != at::MemOverlapStatus::TooHard) return status != at::MemOverlapStatus::No;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const at::Tensor& t) {
+    const auto* first = static_cast<const char*>(t.data_ptr());
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    return std::pair{first, first + (last + 1) * t.element_size()};
+  };
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
 
 struct LinearShape {
   DType dtype;
@@ -226,26 +254,84 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight) {
   return y;
 }
 
-// silu_mul(linear(x, weight)) for weight = [gate | up] rows.
-at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& weight) {
+// A consumer's deferred norm (orthrus/kernels.h): square_sums float32 [rows, ceil(in_features / 64)] as
+// linear_add_deferred_norm returns them, or None; the kernels' pointer (null for None).
+const float* checked_square_sums(const std::optional<at::Tensor>& square_sums, double norm_eps, int64_t rows,
+                                 int64_t in_features, c10::Device device) {
+  if (!square_sums.has_value() || !square_sums->defined()) return nullptr;
+  const at::Tensor& sums = *square_sums;
+  check_device(sums, "square_sums", device);
+  check_dtype(sums, "square_sums", at::kFloat);
+  check_dim(sums, "square_sums", 2);
+  check_size(sums, "square_sums", 0, rows, "x.shape[0]");
+  check_size(sums, "square_sums", 1, orthrus::square_sum_columns(in_features), "ceil(x.shape[1] / 64)");
+  check_contiguous(sums, "square_sums");
+  check_finite(norm_eps, "norm_eps");
+  ORTHRUS_CHECK_VALUE(norm_eps >= 0, "norm_eps must be non-negative, got ", norm_eps);
+  ORTHRUS_CHECK_VALUE(device.is_cpu() || in_features <= 8192,
+                      "the CUDA kernels take square_sums for at most 8192 input features, got ", in_features);
+  return sums.data_ptr<float>();
+}
+
+// silu_mul(linear(x, weight)) for weight = [gate | up] rows, with a deferred norm's row scale when
+// square_sums is given.
+at::Tensor linear_silu_mul(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& square_sums,
+                           double norm_eps) {
   const c10::Device device = checked_device(x, "x");
   const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
   ORTHRUS_CHECK_VALUE(out_features % 2 == 0, "weight must have an even number of rows ([gate | up]), got shape ",
                       weight.sizes());
+  const float* const sums = checked_square_sums(square_sums, norm_eps, rows, in_features, device);
   const int64_t features = out_features / 2;
   at::Tensor y = at::empty({rows, features}, x.options());
   if (device.is_cpu()) {
     orthrus::linear_silu_mul_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows, features,
-                                 in_features);
+                                 in_features, sums, static_cast<float>(norm_eps));
     return y;
   }
 #ifdef ORTHRUS_WITH_CUDA
   const c10::cuda::CUDAGuard guard(device);
   check_cuda(orthrus::linear_silu_mul_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), y.data_ptr(), rows,
-                                           features, in_features, c10::cuda::getCurrentCUDAStream()),
+                                           features, in_features, sums, static_cast<float>(norm_eps),
+                                           c10::cuda::getCurrentCUDAStream()),
              "linear_silu_mul");
 #endif
   return y;
+}
+
+// residual += linear(x, weight) in place; returns (weighted, square_sums): the deferred RMSNorm of the
+// updated residual with norm_weight (orthrus/kernels.h), for linear_silu_mul / linear_qk_norm_rope_store.
+std::tuple<at::Tensor, at::Tensor> linear_add_deferred_norm(const at::Tensor& x, const at::Tensor& weight,
+                                                            at::Tensor& residual, const at::Tensor& norm_weight) {
+  const c10::Device device = checked_device(x, "x");
+  const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
+  check_matrix(residual, "residual", device, x.scalar_type(), rows, "x.shape[0]", out_features, "weight.shape[0]");
+  // Other CTAs may still read x while the residual is written.
+  ORTHRUS_CHECK_VALUE(!may_share_memory(residual, x), "residual must not share memory with x");
+  check_device(norm_weight, "norm_weight", device);
+  check_dtype(norm_weight, "norm_weight", x.scalar_type());
+  check_dim(norm_weight, "norm_weight", 1);
+  check_size(norm_weight, "norm_weight", 0, out_features, "weight.shape[0]");
+  check_contiguous(norm_weight, "norm_weight");
+
+  at::Tensor weighted = at::empty({rows, out_features}, x.options());
+  at::Tensor square_sums =
+      at::empty({rows, orthrus::square_sum_columns(out_features)}, x.options().dtype(at::kFloat));
+  if (device.is_cpu()) {
+    orthrus::linear_add_deferred_norm_cpu(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), residual.data_ptr(),
+                                          norm_weight.data_ptr(), weighted.data_ptr(), square_sums.data_ptr<float>(),
+                                          rows, out_features, in_features);
+    return {weighted, square_sums};
+  }
+#ifdef ORTHRUS_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(device);
+  check_cuda(orthrus::linear_add_deferred_norm_cuda(dtype, x.data_ptr(), x_row_stride, weight.data_ptr(),
+                                                    residual.data_ptr(), norm_weight.data_ptr(), weighted.data_ptr(),
+                                                    square_sums.data_ptr<float>(), rows, out_features, in_features,
+                                                    c10::cuda::getCurrentCUDAStream()),
+             "linear_add_deferred_norm");
+#endif
+  return {weighted, square_sums};
 }
 
 // linear(x, weight).argmax(-1): int64 [rows]. On CUDA the logits are never written.
@@ -323,13 +409,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
   const c10::Device device = checked_device(x, "x");
   const auto [dtype, rows, dim] = checked_norm_arguments(x, weight, eps, device);
-  check_device(delta, "delta", device);
-  check_dtype(delta, "delta", x.scalar_type());
-  check_dim(delta, "delta", 2);
-  check_size(delta, "delta", 0, rows, "x.shape[0]");
-  check_size(delta, "delta", 1, dim, "x.shape[1]");
+  check_matrix(delta, "delta", device, x.scalar_type(), rows, "x.shape[0]", dim, "x.shape[1]");
   check_contiguous(x, "x");
-  check_contiguous(delta, "delta");
   ORTHRUS_CHECK_VALUE(!x.is_same(delta), "delta must not be x itself");
 
   at::Tensor y = at::empty({rows, dim}, x.options());
@@ -529,9 +610,11 @@ at::Tensor qk_norm_rope_store(const at::Tensor& q, const at::Tensor& k, const at
 at::Tensor linear_qk_norm_rope_store(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& q_norm_weight,
                                      const at::Tensor& k_norm_weight, const at::Tensor& rope_cos_sin,
                                      const at::Tensor& positions_start, const at::Tensor& k_dst,
-                                     const at::Tensor& v_dst, const at::Tensor& dst_start, double eps) {
+                                     const at::Tensor& v_dst, const at::Tensor& dst_start, double eps,
+                                     const std::optional<at::Tensor>& square_sums, double norm_eps) {
   const c10::Device device = checked_device(x, "x");
   const auto [dtype, rows, in_features, out_features, x_row_stride] = checked_linear_arguments(x, weight, device);
+  const float* const sums = checked_square_sums(square_sums, norm_eps, rows, in_features, device);
   check_defined(k_dst, "k_dst");
   check_dim(k_dst, "k_dst", 3);
   const int64_t kv_heads = k_dst.size(1), head_dim = k_dst.size(2);
@@ -553,7 +636,7 @@ at::Tensor linear_qk_norm_rope_store(const at::Tensor& x, const at::Tensor& weig
         dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), rows, in_features, q_norm_weight.data_ptr(),
         k_norm_weight.data_ptr(), rope_cos_sin.data_ptr<float>(), positions_start.data_ptr<int32_t>(),
         q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(), dst_start.data_ptr<int32_t>(), q_heads, kv_heads,
-        head_dim, static_cast<float>(eps));
+        head_dim, static_cast<float>(eps), sums, static_cast<float>(norm_eps));
     return q_out;
   }
 #ifdef ORTHRUS_WITH_CUDA
@@ -562,7 +645,8 @@ at::Tensor linear_qk_norm_rope_store(const at::Tensor& x, const at::Tensor& weig
                  dtype, x.data_ptr(), x_row_stride, weight.data_ptr(), rows, in_features, q_norm_weight.data_ptr(),
                  k_norm_weight.data_ptr(), rope_cos_sin.data_ptr<float>(), positions_start.data_ptr<int32_t>(),
                  q_out.data_ptr(), k_dst.data_ptr(), v_dst.data_ptr(), dst_start.data_ptr<int32_t>(), q_heads,
-                 kv_heads, head_dim, static_cast<float>(eps), c10::cuda::getCurrentCUDAStream()),
+                 kv_heads, head_dim, static_cast<float>(eps), sums, static_cast<float>(norm_eps),
+                 c10::cuda::getCurrentCUDAStream()),
              "linear_qk_norm_rope_store");
 #endif
   return q_out;
@@ -726,14 +810,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("silu_mul", &silu_mul, "SwiGLU of [gate | up] rows: silu(gate) * up", py::arg("gate_up"),
              release_gil);
   module.def("linear_silu_mul", &linear_silu_mul,
-             "silu_mul(linear(x, weight)) for weight = [gate | up] rows, bit for bit, in one kernel on CUDA",
-             py::arg("x"), py::arg("weight"), release_gil);
+             "silu_mul(linear(x, weight)) for weight = [gate | up] rows, bit for bit, in one kernel on CUDA; with "
+             "square_sums, each row's sums are scaled by the deferred norm first",
+             py::arg("x"), py::arg("weight"), py::arg("square_sums") = py::none(), py::arg("norm_eps") = 0.0,
+             release_gil);
+  module.def("linear_add_deferred_norm", &linear_add_deferred_norm,
+             "residual += linear(x, weight) in place; returns (residual * norm_weight, per-64-column sums of "
+             "squares of residual): the next RMSNorm, left for linear_silu_mul / linear_qk_norm_rope_store to scale",
+             py::arg("x"), py::arg("weight"), py::arg("residual"), py::arg("norm_weight"), release_gil);
   module.def("linear_qk_norm_rope_store", &linear_qk_norm_rope_store,
              "qk_norm_rope_store of the q | k | v heads of linear(x, weight), bit for bit, in one kernel on CUDA; "
              "returns q",
              py::arg("x"), py::arg("weight"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),
              py::arg("rope_cos_sin"), py::arg("positions_start"), py::arg("k_dst"), py::arg("v_dst"),
-             py::arg("dst_start"), py::arg("eps"), release_gil);
+             py::arg("dst_start"), py::arg("eps"), py::arg("square_sums") = py::none(), py::arg("norm_eps") = 0.0,
+             release_gil);
   module.def("qk_norm_rope_store", &qk_norm_rope_store,
              "Per-head RMSNorm + RoPE of q and k; stores k and v at rows dst_start.. of k_dst / v_dst; returns q",
              py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_norm_weight"), py::arg("k_norm_weight"),

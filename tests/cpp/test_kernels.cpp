@@ -307,7 +307,7 @@ void test_fused_forms(DType dtype) {
                       in_features);
   orthrus::silu_mul_cpu(dtype, gate_up.data(), 2 * features, separate.data(), rows, features);
   orthrus::linear_silu_mul_cpu(dtype, x.data(), x_stride, gate_up_weight.data(), fused.data(), rows, features,
-                               in_features);
+                               in_features, nullptr, 0.0f);
   report(fused.same_bits(separate, 0, 0, rows * features),
          std::string("linear_silu_mul ") + dtype_name(dtype) + " == linear + silu_mul, bitwise");
 
@@ -335,10 +335,50 @@ void test_fused_forms(DType dtype) {
   orthrus::linear_qk_norm_rope_store_cpu(dtype, x.data(), x_stride, qkv_weight.data(), rows, in_features,
                                          q_norm.data(), k_norm.data(), table.data(), &position, outputs[1][0].data(),
                                          outputs[1][1].data(), outputs[1][2].data(), &dst_start, q_heads, kv_heads,
-                                         head_dim, 1e-6f);
+                                         head_dim, 1e-6f, nullptr, 0.0f);
   for (int i = 0; i < 3; ++i) same = same && outputs[1][i].same_bits(outputs[0][i], 0, 0, outputs[0][i].size());
   report(same, std::string("linear_qk_norm_rope_store ") + dtype_name(dtype) +
                    " == linear + qk_norm_rope_store, bitwise (q_out, k_dst, v_dst)");
+}
+
+// ---- the deferred norm ------------------------------------------------------------------------------------
+
+// linear_add_deferred_norm updates the residual exactly as linear + add_rms_norm, and a consumer given its
+// sums projects what the consumer would project from add_rms_norm's normalised rows.
+void test_deferred_norm(DType dtype) {
+  const int64_t rows = uniform_int(1, 64), in_features = uniform_int(1, 200), dim = uniform_int(1, 200);
+  const int64_t features = uniform_int(1, 100);
+  const float eps = 1e-6f;
+  const Buffer x = random_buffer(dtype, rows * in_features), w = random_buffer(dtype, dim * in_features);
+  const Buffer norm_weight = random_buffer(dtype, dim), gate_up_weight = random_buffer(dtype, 2 * features * dim);
+  Buffer residual = random_buffer(dtype, rows * dim), separate_residual = residual;
+  Buffer weighted(dtype, rows * dim), delta(dtype, rows * dim), normed(dtype, rows * dim);
+  std::vector<float> square_sums(size_t(rows * orthrus::square_sum_columns(dim)));
+  orthrus::linear_add_deferred_norm_cpu(dtype, x.data(), in_features, w.data(), residual.data(), norm_weight.data(),
+                                        weighted.data(), square_sums.data(), rows, dim, in_features);
+  orthrus::linear_cpu(dtype, x.data(), in_features, w.data(), delta.data(), rows, dim, in_features);
+  orthrus::add_rms_norm_cpu(dtype, separate_residual.data(), delta.data(), norm_weight.data(), normed.data(), rows,
+                            dim, eps);
+  report(residual.same_bits(separate_residual, 0, 0, rows * dim),
+         std::string("linear_add_deferred_norm ") + dtype_name(dtype) + " residual == linear + add_rms_norm, bitwise");
+
+  Buffer deferred(dtype, rows * features), direct(dtype, rows * features);
+  orthrus::linear_silu_mul_cpu(dtype, weighted.data(), dim, gate_up_weight.data(), deferred.data(), rows, features,
+                               dim, square_sums.data(), eps);
+  orthrus::linear_silu_mul_cpu(dtype, normed.data(), dim, gate_up_weight.data(), direct.data(), rows, features, dim,
+                               nullptr, 0.0f);
+  // Both round the normalised input differently (the deferred form never rounds it), so they agree to the
+  // rounding of dim terms, measured against the terms' magnitude.
+  ErrorMeter meter;
+  for (int64_t m = 0; m < rows; ++m) {
+    double magnitude = 0;
+    for (int64_t k = 0; k < dim; ++k) magnitude = std::max(magnitude, std::abs(normed.get(m * dim + k)));
+    for (int64_t i = 0; i < features; ++i)
+      meter.add(deferred.get(m * features + i), direct.get(m * features + i),
+                magnitude * magnitude * std::sqrt(double(dim)) + 1.0, 32 * tolerance(dtype));
+  }
+  report(meter.passed(), std::string("linear_silu_mul ") + dtype_name(dtype) + " of a deferred norm vs of rms_norm",
+         meter.detail());
 }
 
 // ---- attention -------------------------------------------------------------------------------------------
@@ -518,6 +558,7 @@ int main() {
   for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
     test_linear(dtype);
     test_fused_forms(dtype);
+    test_deferred_norm(dtype);
     test_rms_norm(dtype);
     test_qk_norm_rope_store(dtype);
     test_attention(dtype);

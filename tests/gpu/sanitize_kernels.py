@@ -69,6 +69,20 @@ def main():
         gate_up = torch.randn(2 * 1000, 512, device=device).to(dtype)
         assert torch.equal(orthrus_ext.linear_silu_mul(x, gate_up),
                            orthrus_ext.silu_mul(orthrus_ext.linear(x, gate_up)))
+        # The deferred norm: its producer with a ragged last tile, then both consumers staging its sums, at
+        # 7 rows and at 1 (x resident).
+        for count in (rows, 1):
+            residual = torch.randn(count, 1000, device=device).to(dtype)
+            output = torch.randn(1000, 512, device=device).to(dtype)
+            weighted, square_sums = orthrus_ext.linear_add_deferred_norm(x[:count], output, residual,
+                                                                         torch.ones(1000, device=device, dtype=dtype))
+            assert torch.equal(weighted, residual) and torch.isfinite(square_sums).all()
+            projection = torch.randn((q_heads + 2 * kv_heads) * head_dim, 1000, device=device).to(dtype)
+            q_fused = orthrus_ext.linear_qk_norm_rope_store(weighted, projection, norm, norm, table, start, k_dst,
+                                                            v_dst, start + 10, 1e-6, square_sums, 1e-6)
+            gate_up_deferred = torch.randn(2 * 1000, 1000, device=device).to(dtype)
+            activation = orthrus_ext.linear_silu_mul(weighted, gate_up_deferred, square_sums, 1e-6)
+            assert torch.isfinite(q_fused).all() and torch.isfinite(activation).all()
         # linear_argmax: keys of a split-K cluster (2 ranks), a ragged last tile, and 7 rows, which leave a
         # half warp alone in the epilogue loop; then the reduction of the keys.
         vocab = torch.randn(1000, 512, device=device).to(dtype)

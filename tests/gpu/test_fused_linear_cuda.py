@@ -1,10 +1,10 @@
-"""The linear kernel's fused epilogues (csrc/cuda/linear.cuh) on the GPU: linear_silu_mul and
-linear_qk_norm_rope_store.
+"""The linear kernel's fused epilogues (csrc/cuda/linear.cuh) on the GPU: linear_silu_mul,
+linear_qk_norm_rope_store, and the deferred norm (linear_add_deferred_norm and those two given its sums).
 
-Each must give the bits of the separate calls it replaces (linear, then silu_mul / qk_norm_rope_store),
-be row-invariant (an M-row call equals the single-row calls, each at its own position and destination
-row), stay close to a float64 reference, and write nothing outside its destination rows. Inputs are fresh
-random draws each run; every output buffer is poisoned with NaN first.
+Each must give the bits of the separate calls it replaces (linear, then silu_mul / qk_norm_rope_store /
+add_rms_norm), be row-invariant (an M-row call equals the single-row calls, each at its own position and
+destination row), stay close to a float64 reference, and write nothing outside its destination rows.
+Inputs are fresh random draws each run; every output buffer is poisoned with NaN first.
 """
 
 import importlib.util
@@ -53,17 +53,22 @@ def operands(rows, out_features, in_features, dtype):
 # linear_silu_mul
 
 
-def check_silu_mul(ext, rows, features, in_features, dtype, compare_separate=True):
+def check_silu_mul(ext, rows, features, in_features, dtype, compare_separate=True, deferred=None):
+    """deferred: a DeferredNorm whose weighted rows are x, and whose sums the kernel is given."""
     x, weight = operands(rows, 2 * features, in_features, dtype)
-    y = ext.linear_silu_mul(x, weight)
+    square_sums, scale = None, 1.0
+    if deferred is not None:
+        x, square_sums, scale = deferred.weighted, deferred.square_sums, deferred.scale()
+    y = ext.linear_silu_mul(x, weight, square_sums, EPS)
     torch.cuda.synchronize()
     assert y.shape == (rows, features)
-    gate, up = (x.double() @ weight.double().t()).chunk(2, dim=-1)
+    gate, up = (x.double() @ weight.double().t() * scale).chunk(2, dim=-1)
     assert relative_error(y, gate * torch.sigmoid(gate) * up) < TOLERANCE[dtype]
     if compare_separate:
         assert torch.equal(bits(y), bits(ext.silu_mul(ext.linear(x, weight))))
     for m in random.sample(range(rows), min(rows, 6)):
-        assert torch.equal(bits(ext.linear_silu_mul(x[m:m + 1], weight)[0]), bits(y[m])), f"row {m} of {rows}"
+        one = ext.linear_silu_mul(x[m:m + 1], weight, None if square_sums is None else square_sums[m:m + 1], EPS)
+        assert torch.equal(bits(one[0]), bits(y[m])), f"row {m} of {rows}"
 
 
 @pytest.mark.parametrize("model", sorted(QWEN3))
@@ -98,10 +103,17 @@ class HeadsCase:
         k_dst = torch.full((self.capacity, kv_heads, head_dim), float("nan"), device="cuda", dtype=self.x.dtype)
         return k_dst, torch.full_like(k_dst, float("nan"))
 
+    def defer(self, deferred):
+        """Project a deferred norm's weighted rows, given its sums, instead of x."""
+        self.x, self.square_sums, self.scale = deferred.weighted, deferred.square_sums, deferred.scale()
+
+    square_sums, scale = None, 1.0
+
     def fused(self, ext, position, dst, rows=slice(None)):
         k_dst, v_dst = self.destinations()
+        square_sums = None if self.square_sums is None else self.square_sums[rows]
         q_out = ext.linear_qk_norm_rope_store(self.x[rows], self.weight, self.q_norm, self.k_norm, self.table,
-                                              scalar(position), k_dst, v_dst, scalar(dst), EPS)
+                                              scalar(position), k_dst, v_dst, scalar(dst), EPS, square_sums, EPS)
         torch.cuda.synchronize()
         return q_out, k_dst, v_dst
 
@@ -117,7 +129,7 @@ class HeadsCase:
 
     def reference(self, position):
         q_heads, kv_heads, head_dim = self.heads
-        qkv = self.x.double() @ self.weight.double().t()
+        qkv = self.x.double() @ self.weight.double().t() * self.scale
         rows = qkv.shape[0]
         q, k, v = (part.view(rows, -1, head_dim)
                    for part in qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
@@ -197,3 +209,59 @@ except ValueError as error:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"the child died (exit {result.returncode}): {result.stderr[-400:]}"
     assert "ValueError: the CUDA kernels take head_dim 64 or 128, got 32" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the deferred norm
+
+
+class DeferredNorm:
+    """linear_add_deferred_norm of random operands, checked against linear + add_rms_norm (the same
+    residual bits), a float64 reference and its own single-row calls."""
+
+    def __init__(self, ext, rows, dim, in_features, dtype):
+        x, weight = operands(rows, dim, in_features, dtype)
+        start = torch.randn(rows, dim, device="cuda").to(dtype)
+        norm_weight = (1 + 0.3 * torch.randn(dim, device="cuda")).to(dtype)
+        self.residual = start.clone()
+        self.weighted, self.square_sums = ext.linear_add_deferred_norm(x, weight, self.residual, norm_weight)
+        torch.cuda.synchronize()
+
+        separate = start.clone()
+        ext.add_rms_norm(separate, ext.linear(x, weight), norm_weight, EPS)
+        assert torch.equal(bits(self.residual), bits(separate)), "residual differs from linear + add_rms_norm"
+        assert torch.equal(bits(self.weighted), bits((self.residual.float() * norm_weight.float()).to(dtype)))
+        squares = torch.nn.functional.pad(self.residual.double() ** 2, (0, -dim % 64)).view(rows, -1, 64).sum(-1)
+        assert ((self.square_sums.double() - squares).abs() <= 1e-5 * squares).all()
+        for m in random.sample(range(rows), min(rows, 6)):
+            residual = start[m:m + 1].clone()
+            weighted, square_sums = ext.linear_add_deferred_norm(x[m:m + 1], weight, residual, norm_weight)
+            assert torch.equal(bits(residual[0]), bits(self.residual[m])), f"residual row {m} of {rows}"
+            assert torch.equal(bits(weighted[0]), bits(self.weighted[m])), f"weighted row {m} of {rows}"
+            assert torch.equal(square_sums[0].view(torch.int32), self.square_sums[m].view(torch.int32))
+
+    def scale(self):
+        """float64 [rows, 1]: the norm's row scale, from the residual itself."""
+        return torch.rsqrt((self.residual.double() ** 2).mean(-1, keepdim=True) + EPS)
+
+
+@pytest.mark.parametrize("model", sorted(QWEN3))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deferred_norm_at_model_shapes(ext, dtype, model):
+    # The output and down projections produce it; the q | k | v and gate | up projections finish it.
+    hidden, q_heads, kv_heads, head_dim, intermediate = QWEN3[model]
+    for rows in (1, 32, random.randint(2, 64)):
+        after_attention = DeferredNorm(ext, rows, hidden, q_heads * head_dim, dtype)
+        check_silu_mul(ext, rows, intermediate, hidden, dtype, compare_separate=False, deferred=after_attention)
+        after_mlp = DeferredNorm(ext, rows, hidden, intermediate, dtype)
+        case = HeadsCase(dtype, hidden, q_heads, kv_heads, head_dim, rows)
+        case.defer(after_mlp)
+        check_heads(ext, case, rows, compare_separate=False)
+
+
+@pytest.mark.parametrize("dim,in_features", [(8, 8), (56, 24), (72, 264), (200, 520), (1000, 2056)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deferred_norm_at_ragged_shapes(ext, dtype, dim, in_features):
+    rows = random.randint(1, 64)
+    deferred = DeferredNorm(ext, rows, dim, in_features, dtype)
+    check_silu_mul(ext, rows, random.randint(1, 100), dim, dtype, compare_separate=False, deferred=deferred)

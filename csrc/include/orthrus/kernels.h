@@ -105,14 +105,37 @@ void silu_mul_cpu(DType dtype, const void* gate_up, int64_t gate_up_row_stride, 
 // linear_qk_norm_rope_store: qk_norm_rope_store of the q | k | v heads of linear(x, w) for the fused
 //   projection w ([(q_heads + 2 * kv_heads) * head_dim, in_features]); writes q_out, k_dst and v_dst only
 //   (the projection itself is never stored). On CUDA, head_dim 64 or 128.
+//
+// The deferred RMSNorm: the residual update and the norm after it, folded into the linears on either side
+// so that no kernel of its own sits between them. RMSNorm(r) = (r * norm_weight) / sqrt(mean(r^2) + eps):
+// the producer stores r * norm_weight and the row's sums of squares, the consumer applies the per-row
+// scale to its fp32 sums.
+// linear_add_deferred_norm: residual[m] += linear(x, w)[m] (the linear rounded to dtype, the add in fp32
+//   rounded to dtype, as add_rms_norm), then weighted[m, n] = residual[m, n] * norm_weight[n] (fp32,
+//   rounded) and square_sums[m, t] = the sum of residual[m, n]^2 over the t-th run of kSquareSumColumns
+//   columns (float32 [rows, square_sum_columns(out_features)], a fixed order). residual, weighted:
+//   [rows, out_features] contiguous. Row-invariant.
+// The consumers, linear_silu_mul and linear_qk_norm_rope_store, take square_sums = null (x is the
+//   normalised input) or the producer's sums with x = its `weighted`: then the fp32 sums of row m are
+//   multiplied by rsqrt(sum_t square_sums[m, t] / in_features + norm_eps) before anything is rounded.
+constexpr int kSquareSumColumns = 64;
+constexpr int64_t square_sum_columns(int64_t features) {
+  return (features + kSquareSumColumns - 1) / kSquareSumColumns;
+}
+
 void linear_silu_mul_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y, int64_t rows,
-                         int64_t features, int64_t in_features);
+                         int64_t features, int64_t in_features, const float* square_sums, float norm_eps);
 
 void linear_qk_norm_rope_store_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, int64_t rows,
                                    int64_t in_features, const void* q_norm_weight, const void* k_norm_weight,
                                    const float* rope_cos_sin, const int32_t* positions_start, void* q_out,
                                    void* k_dst, void* v_dst, const int32_t* dst_start, int64_t q_heads,
-                                   int64_t kv_heads, int64_t head_dim, float eps);
+                                   int64_t kv_heads, int64_t head_dim, float eps, const float* square_sums,
+                                   float norm_eps);
+
+void linear_add_deferred_norm_cpu(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* residual,
+                                  const void* norm_weight, void* weighted, float* square_sums, int64_t rows,
+                                  int64_t out_features, int64_t in_features);
 
 void accept_cpu(const int64_t* drafts, const int64_t* targets, int64_t rows, int32_t* cache_len,
                 int64_t* emitted, int64_t* next_anchor);
@@ -162,7 +185,13 @@ cudaError_t qk_norm_rope_store_cuda(DType dtype, const void* q, int64_t q_row_st
                                     cudaStream_t stream);
 
 cudaError_t linear_silu_mul_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w, void* y,
-                                 int64_t rows, int64_t features, int64_t in_features, cudaStream_t stream);
+                                 int64_t rows, int64_t features, int64_t in_features, const float* square_sums,
+                                 float norm_eps, cudaStream_t stream);
+
+cudaError_t linear_add_deferred_norm_cuda(DType dtype, const void* x, int64_t x_row_stride, const void* w,
+                                          void* residual, const void* norm_weight, void* weighted,
+                                          float* square_sums, int64_t rows, int64_t out_features,
+                                          int64_t in_features, cudaStream_t stream);
 
 // `workspace` (8-byte aligned) holds one key per row and 64 outputs: linear_argmax_cuda_workspace_bytes(...)
 // bytes. The logits are linear_cuda's, bit for bit, and like linear it may read w early.
@@ -177,7 +206,8 @@ cudaError_t linear_qk_norm_rope_store_cuda(DType dtype, const void* x, int64_t x
                                            const void* k_norm_weight, const float* rope_cos_sin,
                                            const int32_t* positions_start, void* q_out, void* k_dst, void* v_dst,
                                            const int32_t* dst_start, int64_t q_heads, int64_t kv_heads,
-                                           int64_t head_dim, float eps, cudaStream_t stream);
+                                           int64_t head_dim, float eps, const float* square_sums,
+                                           float norm_eps, cudaStream_t stream);
 
 // `max_keys` bounds cache_len[0] + rows (the cache capacity); it sizes the grid without a host read.
 // `workspace` holds the partial results of key chunks and splits: attention_cuda_workspace_bytes(...) bytes.
