@@ -43,16 +43,18 @@ cudaError_t launch_attention(const cuda_detail::AttentionParams& params, int64_t
   // and share it through L2. The key ranges cover the capacity in whichever schedule needs more CTAs.
   const dim3 grid(unsigned(attention_vector_tiles(params.rows, params.q_heads, kv_heads)), unsigned(kv_heads),
                   unsigned(std::max(params.num_chunks, params.split_mode_max_chunks * kAttentionSplitsPerChunk)));
-  // The chunk kernel is launched early (PDL) and loads its cached K/V tiles while the projection before it
-  // finishes. The merge kernel starts only once the chunk kernel has finished: launched early, its CTAs
-  // (and those of the output projection after it) took SMs that the long-running chunk kernel still
-  // needed: on an H100 (Qwen3-8B shape, 2026-11-22) AR at 32K context took 9.00 ms per token against
-  // 8.05 ms, at 1K 7.04 against 6.60 ms, and the B = 32 iteration at 1K 14.85 against 14.25 ms.
+  // Both kernels are launched with PDL: the chunk kernel loads its cached K/V tiles while the projection
+  // before it finishes. The chunk kernel never lets its dependents launch early, so the merge kernel
+  // launches as the chunk kernel's last CTAs exit, without waiting for its completion to be flushed. (The
+  // first kernels of 2026-11-22 lost with an early merge, whose CTAs took SMs the chunk kernel still needed:
+  // AR at 32K 9.00 ms per token against 8.05. The current ones gain a little: on an H100, 8B, 2026-11-23,
+  // 3 interleaved runs, AR at 1K 5.778-5.782 ms against 5.782-5.787, the B = 32 iteration 12.763-12.766
+  // against 12.782-12.785, at 32K 16.79-16.82 against 16.83-16.84.)
   status = launch_kernel(attention_chunk_kernel<T, kHeadDim>, grid, dim3(kAttentionWarps * 32), kSmemBytes, stream,
                          params);
   if (status != cudaSuccess) return status;
-  return launch_kernel_after_previous(attention_merge_kernel<T, kHeadDim>, dim3(unsigned(params.rows * params.q_heads)),
-                                      dim3(kAttentionMergeWarps * 32), 0, stream, params);
+  return launch_kernel(attention_merge_kernel<T, kHeadDim>, dim3(unsigned(params.rows * params.q_heads)),
+                       dim3(kAttentionMergeWarps * 32), 0, stream, params);
 }
 
 template <typename T>

@@ -7,9 +7,6 @@
 // blocks in wait_for_previous_kernels() until every earlier kernel of the stream has finished and its
 // writes are visible. Because each kernel waits before touching anything mutable, ordering is the same as
 // with plain launches; only reads of constant inputs (weights) may overlap earlier kernels.
-//
-// Early CTAs hold SM resources while they wait, so a kernel launched into a long-running one can take SMs
-// the running one still needs: such kernels use launch_kernel_after_previous (measured, see attention.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,14 +31,13 @@ inline bool programmatic_launch_enabled() {
   return enabled;
 }
 
-// Launches `kernel` in clusters of `cluster` CTAs (none when cluster is 0 x 0 x 0), early (PDL) when
-// `early` is set, else once the previous kernel of the stream has finished.
+// Launches `kernel` early (PDL) in clusters of `cluster` CTAs (none when cluster is 0 x 0 x 0).
 template <typename... Params, typename... Args>
 cudaError_t launch_with_attributes(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3 block,
-                                   size_t shared_bytes, cudaStream_t stream, bool early, Args... args) {
+                                   size_t shared_bytes, cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attributes[2];
   attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = early && programmatic_launch_enabled() ? 1 : 0;
+  attributes[0].val.programmaticStreamSerializationAllowed = programmatic_launch_enabled() ? 1 : 0;
   attributes[1].id = cudaLaunchAttributeClusterDimension;
   attributes[1].val.clusterDim.x = cluster.x;
   attributes[1].val.clusterDim.y = cluster.y;
@@ -61,22 +57,14 @@ cudaError_t launch_with_attributes(void (*kernel)(Params...), dim3 grid, dim3 cl
 template <typename... Params, typename... Args>
 cudaError_t launch_clustered_kernel(void (*kernel)(Params...), dim3 grid, dim3 cluster, dim3 block,
                                     size_t shared_bytes, cudaStream_t stream, Args... args) {
-  return launch_with_attributes(kernel, grid, cluster, block, shared_bytes, stream, true, args...);
+  return launch_with_attributes(kernel, grid, cluster, block, shared_bytes, stream, args...);
 }
 
 // Launches `kernel` with PDL.
 template <typename... Params, typename... Args>
 cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                           Args... args) {
-  return launch_with_attributes(kernel, grid, dim3(0, 0, 0), block, shared_bytes, stream, true, args...);
-}
-
-// Launches `kernel` once the previous kernel has finished: for kernels whose early CTAs cost more than the
-// launch gap they hide (the attention kernels, see attention.cu).
-template <typename... Params, typename... Args>
-cudaError_t launch_kernel_after_previous(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
-                                         cudaStream_t stream, Args... args) {
-  return launch_with_attributes(kernel, grid, dim3(0, 0, 0), block, shared_bytes, stream, false, args...);
+  return launch_with_attributes(kernel, grid, dim3(0, 0, 0), block, shared_bytes, stream, args...);
 }
 
 }  // namespace orthrus::cuda_detail
