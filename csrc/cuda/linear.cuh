@@ -13,6 +13,8 @@
 // - The partial sums are added in a fixed order: warp along K 0 then 1, then cluster rank 0, 1, ...
 // - The number of 8-row groups (kRowGroups) only decides how many independent MMA columns run; row m
 //   lives in group m / 8 and goes through the same instruction sequence whatever kRowGroups is.
+// - A deferred norm's scale of row m comes from row m's own sums of squares, added in an order fixed by
+//   the feature count; its producer sums each row's 64-column tiles in a fixed order too.
 #pragma once
 
 #include <cooperative_groups.h>
