@@ -411,6 +411,21 @@ def test_projections_of_a_deferred_norm_apply_its_row_scale(gen, dtype):
     assert ((stored - inputs @ v_weight.T * scale).abs() <= bound).all()
 
 
+def test_long_blocks_apply_a_deferred_norm_as_the_kernels_do(gen):
+    """Past MAX_BLOCK_ROWS, orthrus.ops computes with PyTorch; given a deferred norm it must scale alike."""
+    from orthrus import ops
+
+    rows, dim, eps = ops.MAX_BLOCK_ROWS + 6, randint(gen, 8, 200), 1e-6
+    x, weight, residual, norm_weight = deferred_norm_setup(gen, torch.float32, rows, dim)
+    pieces = [ext.linear_add_deferred_norm(x[:64], weight, residual[:64], norm_weight),
+              ext.linear_add_deferred_norm(x[64:], weight, residual[64:], norm_weight)]
+    weighted, square_sums = (torch.cat(parts) for parts in zip(*pieces))
+    gate_up = randn(gen, 2 * randint(gen, 1, 50), dim)
+    long_block = ops.linear_silu_mul(weighted, gate_up, square_sums, eps)
+    torch.testing.assert_close(long_block[:64], ext.linear_silu_mul(weighted[:64], gate_up, square_sums[:64], eps),
+                               rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # linear_argmax: torch.argmax of the stored linear, ties, NaN and signed zeros included
 
