@@ -130,8 +130,16 @@ void check_rows(int64_t rows, const char* name, const c10::Device& device) {
                       " rows; the CUDA kernels take at most ", kMaxBlockRows);
 }
 
-// A [rows, ...] tensor whose rows may be strided (views into a fused projection) but whose trailing
-// dimensions are packed. Returns the row stride in elements.
+// A contiguous [size] tensor on `device` of `dtype`; size_source says where the size comes from.
+void check_vector(const at::Tensor& tensor, const char* name, c10::Device device, at::ScalarType dtype, int64_t size,
+                  const char* size_source) {
+  check_device(tensor, name, device);
+  check_dtype(tensor, name, dtype);
+  check_dim(tensor, name, 1);
+  check_size(tensor, name, 0, size, size_source);
+  check_contiguous(tensor, name);
+}
+
 // A contiguous [rows, columns] tensor on `device` of `dtype`; the sources say where the sizes come from.
 void check_matrix(const at::Tensor& tensor, const char* name, c10::Device device, at::ScalarType dtype, int64_t rows,
                   const char* rows_source, int64_t columns, const char* columns_source) {
@@ -143,6 +151,8 @@ void check_matrix(const at::Tensor& tensor, const char* name, c10::Device device
   check_contiguous(tensor, name);
 }
 
+// A [rows, ...] tensor whose rows may be strided (views into a fused projection) but whose trailing
+// dimensions are packed. Returns the row stride in elements.
 int64_t checked_row_stride(const at::Tensor& tensor, const char* name) {
   int64_t packed = 1;
   for (int64_t dim = tensor.dim() - 1; dim >= 1; --dim) {
@@ -308,11 +318,7 @@ std::tuple<at::Tensor, at::Tensor> linear_add_deferred_norm(const at::Tensor& x,
   check_matrix(residual, "residual", device, x.scalar_type(), rows, "x.shape[0]", out_features, "weight.shape[0]");
   // Other CTAs may still read x while the residual is written.
   ORTHRUS_CHECK_VALUE(!may_share_memory(residual, x), "residual must not share memory with x");
-  check_device(norm_weight, "norm_weight", device);
-  check_dtype(norm_weight, "norm_weight", x.scalar_type());
-  check_dim(norm_weight, "norm_weight", 1);
-  check_size(norm_weight, "norm_weight", 0, out_features, "weight.shape[0]");
-  check_contiguous(norm_weight, "norm_weight");
+  check_vector(norm_weight, "norm_weight", device, x.scalar_type(), out_features, "weight.shape[0]");
 
   at::Tensor weighted = at::empty({rows, out_features}, x.options());
   at::Tensor square_sums =
@@ -365,11 +371,7 @@ struct NormShape {
 // The norm weight ([dim], the normalised rows' dtype) and eps (finite, non-negative).
 void check_norm_weight_and_eps(const at::Tensor& weight, at::ScalarType dtype, int64_t dim, const char* dim_source,
                                double eps, c10::Device device) {
-  check_device(weight, "weight", device);
-  check_dtype(weight, "weight", dtype);
-  check_dim(weight, "weight", 1);
-  check_size(weight, "weight", 0, dim, dim_source);
-  check_contiguous(weight, "weight");
+  check_vector(weight, "weight", device, dtype, dim, dim_source);
   check_finite(eps, "eps");
   ORTHRUS_CHECK_VALUE(eps >= 0, "eps must be non-negative, got ", eps);
 }
