@@ -270,9 +270,11 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   // it. With one row group (the AR step) they are requested at the start, the weights before the wait, so
   // that the epilogue never waits for them; with more, the main loop needs the registers and they are
   // requested after it.
+  constexpr int kResidualQuadsPerRow = kLinearTileRows / 4;  // the epilogue loop's items per row
   const int first_item = rank * kLinearThreads + int(threadIdx.x);
-  [[maybe_unused]] const bool has_first_item = first_item < p.rows * 16;
-  [[maybe_unused]] const int64_t first_column = int64_t(tile) * kLinearTileRows + (first_item % 16) * 4;
+  [[maybe_unused]] const bool has_first_item = first_item < p.rows * kResidualQuadsPerRow;
+  [[maybe_unused]] const int64_t first_column =
+      int64_t(tile) * kLinearTileRows + (first_item % kResidualQuadsPerRow) * 4;
   constexpr bool kEarlyResidual = kEpilogue == LinearEpilogue::kResidualNorm && kRowGroups == 1;
   [[maybe_unused]] ResidualInputs<T> first_residual;
   if constexpr (kEarlyResidual) {
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   }
   wait_for_previous_kernels();
   if constexpr (kEarlyResidual) {
-    if (has_first_item) first_residual.load_residual(p, first_item / 16, first_column);
+    if (has_first_item) first_residual.load_residual(p, first_item / kResidualQuadsPerRow, first_column);
   }
   // A deferred norm's sums of squares join the first group of x copies.
   float* const staged_square_sums = reinterpret_cast<float*>(linear_smem + p.x_smem_bytes);
@@ -449,7 +451,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
   if constexpr (kEpilogue == LinearEpilogue::kResidualNorm && !kEarlyResidual) {
     if (has_first_item) {
       first_residual.load_norm_weight(p, first_column);
-      first_residual.load_residual(p, first_item / 16, first_column);
+      first_residual.load_residual(p, first_item / kResidualQuadsPerRow, first_column);
     }
   }
 
@@ -516,7 +518,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
       }
       const int64_t n = int64_t(tile) * kOutputs + column;
       if constexpr (kEpilogue == LinearEpilogue::kResidualNorm) {
-        static_assert(kQuadsPerRow == 16, "a row's items fill a half warp");
+        static_assert(kQuadsPerRow == kResidualQuadsPerRow && kQuadsPerRow == 16, "a row's items fill a half warp");
         ResidualInputs<T> inputs = first_residual;
         if (item != first_item) {
           inputs.load_norm_weight(p, n);
@@ -551,8 +553,7 @@ __global__ void __launch_bounds__(kLinearThreads, 2) linear_rows_kernel(const Li
         for (int offset = 8; offset > 0; offset /= 2) {
           squares += __shfl_xor_sync(0xFFFFu << (lane & 16), squares, offset);
         }
-        const int tiles = (p.out_features + kLinearTileRows - 1) / kLinearTileRows;
-        if (lane % 16 == 0) p.square_sums_out[int64_t(row) * tiles + tile] = squares;
+        if (lane % 16 == 0) p.square_sums_out[int64_t(row) * square_sum_columns(p.out_features) + tile] = squares;
       } else if constexpr (kEpilogue == LinearEpilogue::kArgmax) {
         static_assert(kQuadsPerRow == 16, "a row's items fill a half warp");
         uint64_t key = 0;
