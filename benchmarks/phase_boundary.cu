@@ -7,6 +7,8 @@
 // the same phases:
 //  - chain: one kernel per phase, launched with PDL and replayed from a CUDA graph, as the decode step runs
 //    today. Each kernel requests its first bytes, then waits in griddepcontrol.wait for the one before it.
+//  - flags: the same chain, but each kernel waits for a counter the previous one's CTAs increment as they
+//    finish, instead of griddepcontrol.wait (which waits for the previous grid to complete and flush).
 //  - persistent: one kernel whose CTAs are all resident; a phase's CTAs signal a per-phase counter when
 //    they are done, and each CTA requests its share of the next phase's bytes before it waits for that
 //    counter.
@@ -107,6 +109,28 @@ __device__ __forceinline__ uint32_t phase_input(const uint32_t* previous, uint32
   return previous ? __ldcg(previous + (blockIdx.x + 1) % gridDim.x) : seed;
 }
 
+__device__ __forceinline__ unsigned load_acquire(const unsigned* address) {
+  unsigned value;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
+  return value;
+}
+
+// Thread 0 waits until `*counter` reaches `target`; then the whole CTA may read what was released before.
+__device__ __forceinline__ void wait_for_count(const unsigned* counter, unsigned target) {
+  if (threadIdx.x == 0) {
+    while (load_acquire(counter) < target) __nanosleep(32);
+  }
+  __syncthreads();
+}
+
+// Thread 0 publishes this CTA's writes (made before a barrier) and counts the CTA as done.
+__device__ __forceinline__ void signal_done(unsigned* counter) {
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, kCtasPerSm)
     chain_phase_kernel(Phase phase, const uint32_t* previous, uint32_t* out, uint32_t seed) {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -118,11 +142,26 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   if (threadIdx.x == 0) out[blockIdx.x] = sum;
 }
 
-__device__ __forceinline__ unsigned load_acquire(const unsigned* address) {
-  unsigned value;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
-  return value;
+// Phase `index` of the flags form. done[i] counts phase i's finished CTAs. Phase i + 2 clears done[i]: its
+// CTAs wait for all of phase i + 1, whose CTAs had all waited on done[i] before. Phase 0 clears the
+// counter the last phase waited on in the previous run, which ended before this one began.
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    flag_phase_kernel(Phase phase, const uint32_t* previous, uint32_t* out, uint32_t seed, unsigned* done,
+                      int index, int count) {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  const Share share(phase);
+  uint4 ring[kRing];
+  share.start(ring);
+  if (index > 0) wait_for_count(done + index - 1, gridDim.x);
+  if (threadIdx.x == 0) {
+    if (index >= 2) done[index - 2] = 0;
+    if (index == 0 && count >= 2) done[count - 2] = 0;
+  }
+  const uint32_t sum = cta_xor(share.finish(ring, phase_input(previous, seed)));
+  if (threadIdx.x == 0) out[blockIdx.x] = sum;
+  if (index + 1 < count) signal_done(done + index);
 }
+
 
 // arrived[i] counts the CTAs done with phase i over all launches so far; this launch's phase i is complete
 // when it reaches `target` (launches so far times the grid), so the counters are never reset.
@@ -134,24 +173,17 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   for (int i = 0; i < count; ++i) {
     const Share share(phases[i]);
     share.start(ring);
-    if (i > 0) {
-      if (threadIdx.x == 0) {
-        while (load_acquire(arrived + i - 1) < target) __nanosleep(32);
-      }
-      __syncthreads();
-    }
+    if (i > 0) wait_for_count(arrived + i - 1, target);
     const uint32_t sum =
         cta_xor(share.finish(ring, phase_input(i > 0 ? outs + size_t(i - 1) * ctas : nullptr, seed)));
-    if (threadIdx.x == 0) {
-      outs[size_t(i) * ctas + blockIdx.x] = sum;
-      __threadfence();
-      atomicAdd(arrived + i, 1u);
-    }
+    if (threadIdx.x == 0) outs[size_t(i) * ctas + blockIdx.x] = sum;
+    signal_done(arrived + i);
   }
 }
 
-cudaError_t launch_chain_phase(const Phase& phase, const uint32_t* previous, uint32_t* out, uint32_t seed,
-                               int ctas, cudaStream_t stream) {
+// Launches `kernel` with PDL, in the shape every phase kernel has.
+template <typename... Params, typename... Args>
+cudaError_t launch_phase(void (*kernel)(Params...), int ctas, cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attribute;
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
@@ -162,12 +194,21 @@ cudaError_t launch_chain_phase(const Phase& phase, const uint32_t* previous, uin
   config.stream = stream;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, chain_phase_kernel, phase, previous, out, seed);
+  return cudaLaunchKernelEx(&config, kernel, args...);
 }
 
-void launch_chain(const std::vector<Phase>& phases, uint32_t* outs, uint32_t seed, int ctas, cudaStream_t stream) {
-  for (size_t i = 0; i < phases.size(); ++i) {
-    CHECK(launch_chain_phase(phases[i], i ? outs + (i - 1) * ctas : nullptr, outs + i * ctas, seed, ctas, stream));
+// One kernel per phase: griddepcontrol.wait between them, or the completion counters `done` when given.
+void launch_chain(const std::vector<Phase>& phases, uint32_t* outs, uint32_t seed, int ctas, unsigned* done,
+                  cudaStream_t stream) {
+  const int count = int(phases.size());
+  for (int i = 0; i < count; ++i) {
+    const uint32_t* previous = i ? outs + size_t(i - 1) * ctas : nullptr;
+    uint32_t* const out = outs + size_t(i) * ctas;
+    if (done) {
+      CHECK(launch_phase(flag_phase_kernel, ctas, stream, phases[i], previous, out, seed, done, i, count));
+    } else {
+      CHECK(launch_phase(chain_phase_kernel, ctas, stream, phases[i], previous, out, seed));
+    }
   }
 }
 
@@ -206,6 +247,7 @@ int main(int argc, char** argv) {
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int ctas = kCtasPerSm * sms;
   for (auto kernel : {reinterpret_cast<const void*>(chain_phase_kernel),
+                      reinterpret_cast<const void*>(flag_phase_kernel),
                       reinterpret_cast<const void*>(persistent_pass_kernel)}) {
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBlockingSmemBytes));
   }
@@ -238,14 +280,17 @@ int main(int argc, char** argv) {
   const int count = int(phases.size());
 
   Phase* device_phases = nullptr;
-  uint32_t *chain_outs = nullptr, *persistent_outs = nullptr;
-  unsigned* arrived = nullptr;
+  uint32_t *chain_outs = nullptr, *flag_outs = nullptr, *persistent_outs = nullptr;
+  unsigned *arrived = nullptr, *done = nullptr;
   CHECK(cudaMalloc(&device_phases, sizeof(Phase) * count));
   CHECK(cudaMemcpy(device_phases, phases.data(), sizeof(Phase) * count, cudaMemcpyHostToDevice));
   CHECK(cudaMalloc(&chain_outs, sizeof(uint32_t) * count * ctas));
+  CHECK(cudaMalloc(&flag_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&persistent_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&arrived, sizeof(unsigned) * count));
   CHECK(cudaMemset(arrived, 0, sizeof(unsigned) * count));
+  CHECK(cudaMalloc(&done, sizeof(unsigned) * count));
+  CHECK(cudaMemset(done, 0, sizeof(unsigned) * count));
 
   cudaStream_t stream;
   CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -253,13 +298,18 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&end));
 
-  // The chain, captured once (seed 1) and replayed.
-  cudaGraph_t graph;
-  cudaGraphExec_t chain_graph;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  launch_chain(phases, chain_outs, 1u, ctas, stream);
-  CHECK(cudaStreamEndCapture(stream, &graph));
-  CHECK(cudaGraphInstantiate(&chain_graph, graph, 0));
+  // Both chains, captured once (seed 1) and replayed.
+  auto capture = [&](uint32_t* outs, unsigned* counters) {
+    cudaGraph_t graph;
+    cudaGraphExec_t instance;
+    CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    launch_chain(phases, outs, 1u, ctas, counters, stream);
+    CHECK(cudaStreamEndCapture(stream, &graph));
+    CHECK(cudaGraphInstantiate(&instance, graph, 0));
+    return instance;
+  };
+  const cudaGraphExec_t chain_graph = capture(chain_outs, nullptr);
+  const cudaGraphExec_t flag_graph = capture(flag_outs, done);
 
   // Every launch adds the grid to each counter; a target of 0 opens every barrier.
   unsigned launches = 0;
@@ -284,26 +334,31 @@ int main(int argc, char** argv) {
   };
   const float stream_ms = time_ms([&]() { run_persistent(1u, false); });
   const float chain_ms = time_ms([&]() { CHECK(cudaGraphLaunch(chain_graph, stream)); });
+  const float flags_ms = time_ms([&]() { CHECK(cudaGraphLaunch(flag_graph, stream)); });
   const float persistent_ms = time_ms([&]() { run_persistent(1u, true); });
 
-  // The barriers must have ordered every phase after the one before: with a seed no earlier run used, the
-  // persistent kernel's last outputs must equal a chain run's with the same seed.
+  // The counters must have ordered every phase after the one before: with a seed no earlier run used, the
+  // last outputs of the persistent kernel and of the flags chain must equal the plain chain's.
   const uint32_t check_seed = 0x9E3779B9u;
   run_persistent(check_seed, true);
-  launch_chain(phases, chain_outs, check_seed, ctas, stream);
+  launch_chain(phases, flag_outs, check_seed, ctas, done, stream);
+  launch_chain(phases, chain_outs, check_seed, ctas, nullptr, stream);
   CHECK(cudaStreamSynchronize(stream));
-  std::vector<uint32_t> from_chain(ctas), from_persistent(ctas);
-  CHECK(cudaMemcpy(from_chain.data(), chain_outs + size_t(count - 1) * ctas, sizeof(uint32_t) * ctas,
-                   cudaMemcpyDeviceToHost));
-  CHECK(cudaMemcpy(from_persistent.data(), persistent_outs + size_t(count - 1) * ctas, sizeof(uint32_t) * ctas,
-                   cudaMemcpyDeviceToHost));
-  const bool outputs_match = from_chain == from_persistent;
+  auto last_outputs = [&](const uint32_t* outs) {
+    std::vector<uint32_t> values(ctas);
+    CHECK(cudaMemcpy(values.data(), outs + size_t(count - 1) * ctas, sizeof(uint32_t) * ctas,
+                     cudaMemcpyDeviceToHost));
+    return values;
+  };
+  const std::vector<uint32_t> expected = last_outputs(chain_outs);
+  const bool outputs_match = last_outputs(persistent_outs) == expected && last_outputs(flag_outs) == expected;
 
   cudaDeviceProp properties;
   CHECK(cudaGetDeviceProperties(&properties, device));
   std::printf(
       "{\"device\": \"%s\", \"sms\": %d, \"ctas\": %d, \"phases\": %d, \"bytes\": %lld, \"stream_ms\": %.4f, "
-      "\"chain_ms\": %.4f, \"persistent_ms\": %.4f, \"outputs_match\": %s}\n",
-      properties.name, sms, ctas, count, total, stream_ms, chain_ms, persistent_ms, outputs_match ? "true" : "false");
+      "\"chain_ms\": %.4f, \"flags_ms\": %.4f, \"persistent_ms\": %.4f, \"outputs_match\": %s}\n",
+      properties.name, sms, ctas, count, total, stream_ms, chain_ms, flags_ms, persistent_ms,
+      outputs_match ? "true" : "false");
   return outputs_match ? 0 : 1;
 }
