@@ -12,11 +12,15 @@
 //  - persistent: one kernel whose CTAs are all resident; a phase's CTAs signal a per-phase counter when
 //    they are done, and each CTA requests its share of the next phase's bytes before it waits for that
 //    counter.
+//  - cooperative: the persistent kernel launched as a cooperative grid, cooperative_groups' grid.sync()
+//    between phases instead of counters (the runtime owns the barrier's state), replayed from a CUDA graph
+//    in clusters of kClusterCtas CTAs, as the split-K linear kernels need.
 //  - stream: the persistent kernel with its barriers open, so that nothing waits: the bound of both, with
 //    the same order of accesses.
 // Every CTA of both dependent forms may hold its SM share of memory requests in flight whatever the other
 // kernels do: 100 KB of (unused) dynamic shared memory keeps two CTAs per SM, as the linear kernel's
 // registers do.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -32,6 +36,7 @@ constexpr int kThreads = 256;
 constexpr int kRing = 16;
 constexpr int kCtasPerSm = 2;
 constexpr int kBlockingSmemBytes = 100 * 1024;
+constexpr int kClusterCtas = 2;
 
 struct Phase {
   const uint4* data;
@@ -181,6 +186,21 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   }
 }
 
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    cooperative_pass_kernel(const Phase* phases, int count, uint32_t* outs, uint32_t seed) {
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  const int ctas = int(gridDim.x);
+  uint4 ring[kRing];
+  for (int i = 0; i < count; ++i) {
+    const Share share(phases[i]);
+    share.start(ring);
+    if (i > 0) grid.sync();
+    const uint32_t sum =
+        cta_xor(share.finish(ring, phase_input(i > 0 ? outs + size_t(i - 1) * ctas : nullptr, seed)));
+    if (threadIdx.x == 0) outs[size_t(i) * ctas + blockIdx.x] = sum;
+  }
+}
+
 // Launches `kernel` with PDL, in the shape every phase kernel has.
 template <typename... Params, typename... Args>
 cudaError_t launch_phase(void (*kernel)(Params...), int ctas, cudaStream_t stream, Args... args) {
@@ -195,6 +215,30 @@ cudaError_t launch_phase(void (*kernel)(Params...), int ctas, cudaStream_t strea
   config.attrs = &attribute;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+// The cooperative form: all CTAs resident by contract, in clusters, with PDL like every other kernel. (On an
+// H100, 2026-11-23, clusters of 2 or none and PDL on or off all timed alike; clusters of 3 do not divide 264
+// CTAs, and the launch fails with too many blocks.)
+cudaError_t launch_cooperative(const Phase* phases, int count, uint32_t* outs, uint32_t seed, int ctas,
+                               cudaStream_t stream) {
+  cudaLaunchAttribute attributes[3];
+  attributes[0].id = cudaLaunchAttributeCooperative;
+  attributes[0].val.cooperative = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  attributes[2].id = cudaLaunchAttributeClusterDimension;
+  attributes[2].val.clusterDim.x = kClusterCtas;
+  attributes[2].val.clusterDim.y = 1;
+  attributes[2].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(ctas));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kBlockingSmemBytes;
+  config.stream = stream;
+  config.attrs = attributes;
+  config.numAttrs = 3;
+  return cudaLaunchKernelEx(&config, cooperative_pass_kernel, phases, count, outs, seed);
 }
 
 // One kernel per phase: griddepcontrol.wait between them, or the completion counters `done` when given.
@@ -248,6 +292,7 @@ int main(int argc, char** argv) {
   const int ctas = kCtasPerSm * sms;
   for (auto kernel : {reinterpret_cast<const void*>(chain_phase_kernel),
                       reinterpret_cast<const void*>(flag_phase_kernel),
+                      reinterpret_cast<const void*>(cooperative_pass_kernel),
                       reinterpret_cast<const void*>(persistent_pass_kernel)}) {
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBlockingSmemBytes));
   }
@@ -280,13 +325,14 @@ int main(int argc, char** argv) {
   const int count = int(phases.size());
 
   Phase* device_phases = nullptr;
-  uint32_t *chain_outs = nullptr, *flag_outs = nullptr, *persistent_outs = nullptr;
+  uint32_t *chain_outs = nullptr, *flag_outs = nullptr, *persistent_outs = nullptr, *cooperative_outs = nullptr;
   unsigned *arrived = nullptr, *done = nullptr;
   CHECK(cudaMalloc(&device_phases, sizeof(Phase) * count));
   CHECK(cudaMemcpy(device_phases, phases.data(), sizeof(Phase) * count, cudaMemcpyHostToDevice));
   CHECK(cudaMalloc(&chain_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&flag_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&persistent_outs, sizeof(uint32_t) * count * ctas));
+  CHECK(cudaMalloc(&cooperative_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&arrived, sizeof(unsigned) * count));
   CHECK(cudaMemset(arrived, 0, sizeof(unsigned) * count));
   CHECK(cudaMalloc(&done, sizeof(unsigned) * count));
@@ -310,6 +356,12 @@ int main(int argc, char** argv) {
   };
   const cudaGraphExec_t chain_graph = capture(chain_outs, nullptr);
   const cudaGraphExec_t flag_graph = capture(flag_outs, done);
+  cudaGraph_t cooperative_capture;
+  cudaGraphExec_t cooperative_graph;
+  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  CHECK(launch_cooperative(device_phases, count, cooperative_outs, 1u, ctas, stream));
+  CHECK(cudaStreamEndCapture(stream, &cooperative_capture));
+  CHECK(cudaGraphInstantiate(&cooperative_graph, cooperative_capture, 0));
 
   // Every launch adds the grid to each counter; a target of 0 opens every barrier.
   unsigned launches = 0;
@@ -335,12 +387,14 @@ int main(int argc, char** argv) {
   const float stream_ms = time_ms([&]() { run_persistent(1u, false); });
   const float chain_ms = time_ms([&]() { CHECK(cudaGraphLaunch(chain_graph, stream)); });
   const float flags_ms = time_ms([&]() { CHECK(cudaGraphLaunch(flag_graph, stream)); });
+  const float cooperative_ms = time_ms([&]() { CHECK(cudaGraphLaunch(cooperative_graph, stream)); });
   const float persistent_ms = time_ms([&]() { run_persistent(1u, true); });
 
   // The counters must have ordered every phase after the one before: with a seed no earlier run used, the
   // last outputs of the persistent kernel and of the flags chain must equal the plain chain's.
   const uint32_t check_seed = 0x9E3779B9u;
   run_persistent(check_seed, true);
+  CHECK(launch_cooperative(device_phases, count, cooperative_outs, check_seed, ctas, stream));
   launch_chain(phases, flag_outs, check_seed, ctas, done, stream);
   launch_chain(phases, chain_outs, check_seed, ctas, nullptr, stream);
   CHECK(cudaStreamSynchronize(stream));
@@ -351,14 +405,16 @@ int main(int argc, char** argv) {
     return values;
   };
   const std::vector<uint32_t> expected = last_outputs(chain_outs);
-  const bool outputs_match = last_outputs(persistent_outs) == expected && last_outputs(flag_outs) == expected;
+  const bool outputs_match = last_outputs(persistent_outs) == expected && last_outputs(flag_outs) == expected &&
+                             last_outputs(cooperative_outs) == expected;
 
   cudaDeviceProp properties;
   CHECK(cudaGetDeviceProperties(&properties, device));
   std::printf(
       "{\"device\": \"%s\", \"sms\": %d, \"ctas\": %d, \"phases\": %d, \"bytes\": %lld, \"stream_ms\": %.4f, "
-      "\"chain_ms\": %.4f, \"flags_ms\": %.4f, \"persistent_ms\": %.4f, \"outputs_match\": %s}\n",
-      properties.name, sms, ctas, count, total, stream_ms, chain_ms, flags_ms, persistent_ms,
+      "\"chain_ms\": %.4f, \"flags_ms\": %.4f, \"persistent_ms\": %.4f, \"cooperative_ms\": %.4f, "
+      "\"outputs_match\": %s}\n",
+      properties.name, sms, ctas, count, total, stream_ms, chain_ms, flags_ms, persistent_ms, cooperative_ms,
       outputs_match ? "true" : "false");
   return outputs_match ? 0 : 1;
 }
