@@ -15,6 +15,9 @@
 //  - cooperative: the persistent kernel launched as a cooperative grid, cooperative_groups' grid.sync()
 //    between phases instead of counters (the runtime owns the barrier's state), replayed from a CUDA graph
 //    in clusters of kClusterCtas CTAs, as the split-K linear kernels need.
+//  - layers: one persistent kernel per layer (its phases separated by counter barriers), the launches
+//    chained with PDL as in the chain form, each letting the next one launch from its start; the counters
+//    are zeroed by a memset at the start of each replay.
 //  - stream: the persistent kernel with its barriers open, so that nothing waits: the bound of both, with
 //    the same order of accesses.
 // Every CTA of both dependent forms may hold its SM share of memory requests in flight whatever the other
@@ -201,6 +204,28 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   }
 }
 
+// Phases [first, first + count) of the pass: the first waits for the previous launch, the others at
+// counter barriers (arrived[i] counts phase i's finished CTAs; zero at the start of the pass).
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    layer_pass_kernel(const Phase* phases, int first, int count, uint32_t* outs, unsigned* arrived, uint32_t seed) {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  const int ctas = int(gridDim.x);
+  uint4 ring[kRing];
+  for (int i = first; i < first + count; ++i) {
+    const Share share(phases[i]);
+    share.start(ring);
+    if (i == first) {
+      asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    } else {
+      wait_for_count(arrived + i - 1, unsigned(ctas));
+    }
+    const uint32_t sum =
+        cta_xor(share.finish(ring, phase_input(i > 0 ? outs + size_t(i - 1) * ctas : nullptr, seed)));
+    if (threadIdx.x == 0) outs[size_t(i) * ctas + blockIdx.x] = sum;
+    signal_done(arrived + i);
+  }
+}
+
 // Launches `kernel` with PDL, in the shape every phase kernel has.
 template <typename... Params, typename... Args>
 cudaError_t launch_phase(void (*kernel)(Params...), int ctas, cudaStream_t stream, Args... args) {
@@ -239,6 +264,16 @@ cudaError_t launch_cooperative(const Phase* phases, int count, uint32_t* outs, u
   config.attrs = attributes;
   config.numAttrs = 3;
   return cudaLaunchKernelEx(&config, cooperative_pass_kernel, phases, count, outs, seed);
+}
+
+// The layers form: a memset of the counters, then one launch per `phases_per_launch` phases.
+void launch_layers(const Phase* phases, int count, int phases_per_launch, uint32_t* outs, unsigned* arrived,
+                   uint32_t seed, int ctas, cudaStream_t stream) {
+  CHECK(cudaMemsetAsync(arrived, 0, sizeof(unsigned) * count, stream));
+  for (int first = 0; first < count; first += phases_per_launch) {
+    CHECK(launch_phase(layer_pass_kernel, ctas, stream, phases, first, std::min(phases_per_launch, count - first),
+                       outs, arrived, seed));
+  }
 }
 
 // One kernel per phase: griddepcontrol.wait between them, or the completion counters `done` when given.
@@ -293,6 +328,7 @@ int main(int argc, char** argv) {
   for (auto kernel : {reinterpret_cast<const void*>(chain_phase_kernel),
                       reinterpret_cast<const void*>(flag_phase_kernel),
                       reinterpret_cast<const void*>(cooperative_pass_kernel),
+                      reinterpret_cast<const void*>(layer_pass_kernel),
                       reinterpret_cast<const void*>(persistent_pass_kernel)}) {
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBlockingSmemBytes));
   }
@@ -325,7 +361,8 @@ int main(int argc, char** argv) {
   const int count = int(phases.size());
 
   Phase* device_phases = nullptr;
-  uint32_t *chain_outs = nullptr, *flag_outs = nullptr, *persistent_outs = nullptr, *cooperative_outs = nullptr;
+  uint32_t *chain_outs = nullptr, *flag_outs = nullptr, *persistent_outs = nullptr, *cooperative_outs = nullptr,
+           *layer_outs = nullptr;
   unsigned *arrived = nullptr, *done = nullptr;
   CHECK(cudaMalloc(&device_phases, sizeof(Phase) * count));
   CHECK(cudaMemcpy(device_phases, phases.data(), sizeof(Phase) * count, cudaMemcpyHostToDevice));
@@ -333,6 +370,9 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&flag_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&persistent_outs, sizeof(uint32_t) * count * ctas));
   CHECK(cudaMalloc(&cooperative_outs, sizeof(uint32_t) * count * ctas));
+  CHECK(cudaMalloc(&layer_outs, sizeof(uint32_t) * count * ctas));
+  unsigned* layer_arrived = nullptr;
+  CHECK(cudaMalloc(&layer_arrived, sizeof(unsigned) * count));
   CHECK(cudaMalloc(&arrived, sizeof(unsigned) * count));
   CHECK(cudaMemset(arrived, 0, sizeof(unsigned) * count));
   CHECK(cudaMalloc(&done, sizeof(unsigned) * count));
@@ -388,6 +428,14 @@ int main(int argc, char** argv) {
   const float chain_ms = time_ms([&]() { CHECK(cudaGraphLaunch(chain_graph, stream)); });
   const float flags_ms = time_ms([&]() { CHECK(cudaGraphLaunch(flag_graph, stream)); });
   const float cooperative_ms = time_ms([&]() { CHECK(cudaGraphLaunch(cooperative_graph, stream)); });
+  const int phases_per_layer = int(layer_bytes.size());
+  cudaGraph_t layer_capture;
+  cudaGraphExec_t layer_graph;
+  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  launch_layers(device_phases, count, phases_per_layer, layer_outs, layer_arrived, 1u, ctas, stream);
+  CHECK(cudaStreamEndCapture(stream, &layer_capture));
+  CHECK(cudaGraphInstantiate(&layer_graph, layer_capture, 0));
+  const float layers_ms = time_ms([&]() { CHECK(cudaGraphLaunch(layer_graph, stream)); });
   const float persistent_ms = time_ms([&]() { run_persistent(1u, true); });
 
   // The counters must have ordered every phase after the one before: with a seed no earlier run used, the
@@ -395,6 +443,7 @@ int main(int argc, char** argv) {
   const uint32_t check_seed = 0x9E3779B9u;
   run_persistent(check_seed, true);
   CHECK(launch_cooperative(device_phases, count, cooperative_outs, check_seed, ctas, stream));
+  launch_layers(device_phases, count, phases_per_layer, layer_outs, layer_arrived, check_seed, ctas, stream);
   launch_chain(phases, flag_outs, check_seed, ctas, done, stream);
   launch_chain(phases, chain_outs, check_seed, ctas, nullptr, stream);
   CHECK(cudaStreamSynchronize(stream));
@@ -406,15 +455,15 @@ int main(int argc, char** argv) {
   };
   const std::vector<uint32_t> expected = last_outputs(chain_outs);
   const bool outputs_match = last_outputs(persistent_outs) == expected && last_outputs(flag_outs) == expected &&
-                             last_outputs(cooperative_outs) == expected;
+                             last_outputs(cooperative_outs) == expected && last_outputs(layer_outs) == expected;
 
   cudaDeviceProp properties;
   CHECK(cudaGetDeviceProperties(&properties, device));
   std::printf(
       "{\"device\": \"%s\", \"sms\": %d, \"ctas\": %d, \"phases\": %d, \"bytes\": %lld, \"stream_ms\": %.4f, "
       "\"chain_ms\": %.4f, \"flags_ms\": %.4f, \"persistent_ms\": %.4f, \"cooperative_ms\": %.4f, "
-      "\"outputs_match\": %s}\n",
-      properties.name, sms, ctas, count, total, stream_ms, chain_ms, flags_ms, persistent_ms, cooperative_ms,
+      "\"layers_ms\": %.4f, \"outputs_match\": %s}\n",
+      properties.name, sms, ctas, count, total, stream_ms, chain_ms, flags_ms, persistent_ms, cooperative_ms, layers_ms,
       outputs_match ? "true" : "false");
   return outputs_match ? 0 : 1;
 }

@@ -6,7 +6,8 @@ partial states, the output projection, gate|up and down, then the lm_head. The s
 PDL kernel chain replayed from a CUDA graph (how the decode step runs), as the same chain with each kernel
 waiting for a completion counter of the previous one instead of griddepcontrol.wait, as one persistent
 kernel with a grid barrier between phases, as that kernel launched cooperatively with grid.sync() as its
-barrier, and as the persistent kernel with its barriers open (the bound). Prints and saves
+barrier, as one persistent kernel per layer chained with PDL, and as the persistent kernel with its
+barriers open (the bound). Prints and saves
 (--out/phase_boundary.json) each form's time and its fraction of the device-to-device copy bandwidth
 measured in the same run, the definition the AR target uses.
 """
@@ -35,7 +36,7 @@ SOURCE = ROOT / "benchmarks" / "phase_boundary.cu"
 BF16_BYTES = 2
 FLOAT_BYTES = 4
 ATTENTION_SPLIT_KEYS = 128  # csrc/cuda/attention.cuh: kAttentionSplitKeys
-FORMS = ("stream", "chain", "flags", "persistent", "cooperative")  # the bound first
+FORMS = ("stream", "chain", "flags", "persistent", "cooperative", "layers")  # the bound first
 
 
 def layer_phase_bytes(config: ModelConfig, context: int) -> list[int]:
