@@ -32,6 +32,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "weight_load.cuh"  // csrc/cuda: the linear kernel's weight load
+
 namespace {
 
 constexpr int kThreads = 256;
@@ -56,14 +58,6 @@ struct Phase {
     }                                                                                     \
   } while (0)
 
-__device__ __forceinline__ uint4 load_streamed(const uint4* pointer) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(pointer));
-  return v;
-}
-
 // This CTA's contiguous share of a phase, its threads interleaved 16 bytes apart.
 struct Share {
   const uint4* data;
@@ -77,7 +71,7 @@ struct Share {
 
   __device__ __forceinline__ uint4 load(long long step) const {
     const long long index = begin + threadIdx.x + step * kThreads;
-    return index < end ? load_streamed(data + index) : make_uint4(0, 0, 0, 0);
+    return index < end ? orthrus::cuda_detail::load_weight_vector(data + index) : make_uint4(0, 0, 0, 0);
   }
 
   // Requests the first kRing steps.

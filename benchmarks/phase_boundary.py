@@ -63,8 +63,8 @@ def lm_head_phase_bytes(config: ModelConfig) -> int:
 
 def build(workdir: str) -> str:
     binary = os.path.join(workdir, "phase_boundary")
-    subprocess.run(["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a", str(SOURCE), "-o", binary],
-                   check=True)
+    subprocess.run(["nvcc", "-std=c++17", "-O3", "-gencode=arch=compute_90a,code=sm_90a",
+                    f"-I{ROOT / 'csrc' / 'cuda'}", str(SOURCE), "-o", binary], check=True)
     return binary
 
 

@@ -30,6 +30,7 @@
 #include "launch.cuh"
 #include "norm_rope.cuh"
 #include "orthrus/kernels.h"
+#include "weight_load.cuh"
 
 namespace orthrus::cuda_detail {
 
@@ -152,15 +153,6 @@ struct ResidualInputs {
     return packed;
   }
 };
-
-__device__ __forceinline__ uint4 load_weight_vector(const void* pointer) {
-  // Weights are read once per call: keep them out of L1 and ask L2 to fetch 256-byte runs.
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(pointer));
-  return v;
-}
 
 template <int kIndex>
 __device__ __forceinline__ uint32_t word(const uint4& v) {
