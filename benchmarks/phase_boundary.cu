@@ -3,7 +3,7 @@
 //
 // A pass is modelled as a sequence of phases, each streaming its own constant bytes (weights, KV) from
 // device memory and depending on the previous phase's output: per Qwen3 layer q|k|v, attention over the
-// cache, the attention merge, the output projection, gate|up and down, then the lm_head. Three ways to run
+// cache, the attention merge, the output projection, gate|up and down, then the lm_head. Six ways to run
 // the same phases:
 //  - chain: one kernel per phase, launched with PDL and replayed from a CUDA graph, as the decode step runs
 //    today. Each kernel requests its first bytes, then waits in griddepcontrol.wait for the one before it.
@@ -18,9 +18,9 @@
 //  - layers: one persistent kernel per layer (its phases separated by counter barriers), the launches
 //    chained with PDL as in the chain form, each letting the next one launch from its start; the counters
 //    are zeroed by a memset at the start of each replay.
-//  - stream: the persistent kernel with its barriers open, so that nothing waits: the bound of both, with
-//    the same order of accesses.
-// Every CTA of both dependent forms may hold its SM share of memory requests in flight whatever the other
+//  - stream: the persistent kernel with its barriers open, so that nothing waits: the bound of the others,
+//    with the same order of accesses.
+// Every CTA of every form may hold its SM share of memory requests in flight whatever the other
 // kernels do: 100 KB of (unused) dynamic shared memory keeps two CTAs per SM, as the linear kernel's
 // registers do.
 #include <cooperative_groups.h>
@@ -163,7 +163,6 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm)
   if (threadIdx.x == 0) out[blockIdx.x] = sum;
   if (index + 1 < count) signal_done(done + index);
 }
-
 
 // arrived[i] counts the CTAs done with phase i over all launches so far; this launch's phase i is complete
 // when it reaches `target` (launches so far times the grid), so the counters are never reset.
@@ -378,24 +377,23 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&end));
 
-  // Both chains, captured once (seed 1) and replayed.
-  auto capture = [&](uint32_t* outs, unsigned* counters) {
+  // The graph forms, each captured once (seed 1) and replayed.
+  const int phases_per_layer = int(layer_bytes.size());
+  auto capture = [&](auto&& launch) {
     cudaGraph_t graph;
     cudaGraphExec_t instance;
     CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    launch_chain(phases, outs, 1u, ctas, counters, stream);
+    launch();
     CHECK(cudaStreamEndCapture(stream, &graph));
     CHECK(cudaGraphInstantiate(&instance, graph, 0));
     return instance;
   };
-  const cudaGraphExec_t chain_graph = capture(chain_outs, nullptr);
-  const cudaGraphExec_t flag_graph = capture(flag_outs, done);
-  cudaGraph_t cooperative_capture;
-  cudaGraphExec_t cooperative_graph;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  CHECK(launch_cooperative(device_phases, count, cooperative_outs, 1u, ctas, stream));
-  CHECK(cudaStreamEndCapture(stream, &cooperative_capture));
-  CHECK(cudaGraphInstantiate(&cooperative_graph, cooperative_capture, 0));
+  const cudaGraphExec_t chain_graph = capture([&] { launch_chain(phases, chain_outs, 1u, ctas, nullptr, stream); });
+  const cudaGraphExec_t flag_graph = capture([&] { launch_chain(phases, flag_outs, 1u, ctas, done, stream); });
+  const cudaGraphExec_t cooperative_graph = capture(
+      [&] { CHECK(launch_cooperative(device_phases, count, cooperative_outs, 1u, ctas, stream)); });
+  const cudaGraphExec_t layer_graph = capture(
+      [&] { launch_layers(device_phases, count, phases_per_layer, layer_outs, layer_arrived, 1u, ctas, stream); });
 
   // Every launch adds the grid to each counter; a target of 0 opens every barrier.
   unsigned launches = 0;
@@ -422,18 +420,11 @@ int main(int argc, char** argv) {
   const float chain_ms = time_ms([&]() { CHECK(cudaGraphLaunch(chain_graph, stream)); });
   const float flags_ms = time_ms([&]() { CHECK(cudaGraphLaunch(flag_graph, stream)); });
   const float cooperative_ms = time_ms([&]() { CHECK(cudaGraphLaunch(cooperative_graph, stream)); });
-  const int phases_per_layer = int(layer_bytes.size());
-  cudaGraph_t layer_capture;
-  cudaGraphExec_t layer_graph;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-  launch_layers(device_phases, count, phases_per_layer, layer_outs, layer_arrived, 1u, ctas, stream);
-  CHECK(cudaStreamEndCapture(stream, &layer_capture));
-  CHECK(cudaGraphInstantiate(&layer_graph, layer_capture, 0));
   const float layers_ms = time_ms([&]() { CHECK(cudaGraphLaunch(layer_graph, stream)); });
   const float persistent_ms = time_ms([&]() { run_persistent(1u, true); });
 
-  // The counters must have ordered every phase after the one before: with a seed no earlier run used, the
-  // last outputs of the persistent kernel and of the flags chain must equal the plain chain's.
+  // Every form's barriers must have ordered each phase after the one before: with a seed no earlier run
+  // used, the last outputs of every form must equal the plain chain's.
   const uint32_t check_seed = 0x9E3779B9u;
   run_persistent(check_seed, true);
   CHECK(launch_cooperative(device_phases, count, cooperative_outs, check_seed, ctas, stream));

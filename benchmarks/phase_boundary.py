@@ -7,9 +7,8 @@ PDL kernel chain replayed from a CUDA graph (how the decode step runs), as the s
 waiting for a completion counter of the previous one instead of griddepcontrol.wait, as one persistent
 kernel with a grid barrier between phases, as that kernel launched cooperatively with grid.sync() as its
 barrier, as one persistent kernel per layer chained with PDL, and as the persistent kernel with its
-barriers open (the bound). Prints and saves
-(--out/phase_boundary.json) each form's time and its fraction of the device-to-device copy bandwidth
-measured in the same run, the definition the AR target uses.
+barriers open (the bound). Prints and saves (--out/phase_boundary.json) each form's time and its fraction
+of the device-to-device copy bandwidth measured in the same run, the definition the AR target uses.
 """
 
 from __future__ import annotations
