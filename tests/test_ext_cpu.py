@@ -380,6 +380,17 @@ def test_linear_add_deferred_norm_refuses_a_residual_over_x():
     ext.linear_add_deferred_norm(x, weight, memory[38:318].view(4, 70), norm_weight)
 
 
+def deferred_swiglu_reference(weighted, residual, gate_up, eps, dtype):
+    """(exact, bound): the float64 SwiGLU of [gate | up] over a deferred norm (weighted = residual * norm weight,
+    scaled by the residual's RMS), and the most a kernel of dtype may miss it by. Rounding gate and up, then
+    the product: silu's slope stays below 1.1, so 4 roundings bound it."""
+    scale = torch.rsqrt((residual.double() ** 2).mean(-1, keepdim=True) + eps)
+    inputs = weighted.double()
+    gate, up = (inputs @ gate_up.double().T * scale).chunk(2, dim=-1)
+    gate_size, up_size = (inputs.abs() @ gate_up.double().abs().T * scale).chunk(2, dim=-1)
+    return gate * torch.sigmoid(gate) * up, 4 * RTOL[dtype] * gate_size * up_size + 1e-30
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_projections_of_a_deferred_norm_apply_its_row_scale(gen, dtype):
     rows, dim, eps = randint(gen, 1, 64), randint(gen, 1, 300), 1e-6
@@ -390,12 +401,9 @@ def test_projections_of_a_deferred_norm_apply_its_row_scale(gen, dtype):
 
     features = randint(gen, 1, 100)
     gate_up = randn(gen, 2 * features, dim, dtype=dtype)
-    gate, up = (inputs @ gate_up.double().T * scale).chunk(2, dim=-1)
-    gate_size, up_size = (inputs.abs() @ gate_up.double().abs().T * scale).chunk(2, dim=-1)
+    exact, bound = deferred_swiglu_reference(weighted, residual, gate_up, eps, dtype)
     out = ext.linear_silu_mul(weighted, gate_up, square_sums, eps)
-    # Rounding gate and up, then the product: silu's slope stays below 1.1, so 4 roundings bound it.
-    error = (out.double() - gate * torch.sigmoid(gate) * up).abs()
-    assert (error <= 4 * RTOL[dtype] * gate_size * up_size + 1e-30).all()
+    assert ((out.double() - exact).abs() <= bound).all()
 
     # v is stored as projected: the row scale must be on it (q and k are normalised per head again).
     q, k, v, q_weight, k_weight, table, position, dst_rows, dst_start = qk_norm_rope_setup(gen, dtype, rows)
@@ -421,14 +429,9 @@ def test_long_blocks_apply_a_deferred_norm_as_the_kernels_do(gen):
               ext.linear_add_deferred_norm(x[64:], weight, residual[64:], norm_weight)]
     weighted, square_sums = (torch.cat(parts) for parts in zip(*pieces))
     gate_up = randn(gen, 2 * randint(gen, 1, 50), dim)
-    # Both within the bound of test_projections_of_a_deferred_norm_apply_its_row_scale of the exact result: a
-    # fixed tolerance between the two failed on draws whose sums cancel.
-    scale = torch.rsqrt((residual.double() ** 2).mean(-1, keepdim=True) + eps)
-    inputs = weighted.double()
-    gate, up = (inputs @ gate_up.double().T * scale).chunk(2, dim=-1)
-    gate_size, up_size = (inputs.abs() @ gate_up.double().abs().T * scale).chunk(2, dim=-1)
-    exact = gate * torch.sigmoid(gate) * up
-    bound = 4 * RTOL[torch.float32] * gate_size * up_size + 1e-30
+    # Both within the bound of the exact result: a fixed tolerance between the two failed on draws whose sums
+    # cancel.
+    exact, bound = deferred_swiglu_reference(weighted, residual, gate_up, eps, torch.float32)
     long_block = ops.linear_silu_mul(weighted, gate_up, square_sums, eps)
     kernel = ext.linear_silu_mul(weighted[:64], gate_up, square_sums[:64], eps)
     assert ((long_block.double() - exact).abs() <= bound).all()
